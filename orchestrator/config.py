@@ -1,0 +1,437 @@
+"""The pipeline's configuration: typed, frozen, validated once from the TOML.
+
+:func:`load` reads the file, applies overrides, checks every key and value,
+then the wiring (:mod:`orchestrator.topology`), and raises one
+:class:`~orchestrator.errors.ConfigError` listing every problem it found.
+Nothing is started before this has passed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import tomlfile
+from .errors import ConfigError, Problem
+
+KeyPath = tuple[str, ...]
+
+DELIVERY_MODES = ("exactly-once", "at-most-once")
+RESTART_POLICIES = ("on-failure", "always", "never")
+CODECS = ("msgpack", "json")
+BACKENDS = ("local",)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_ENDPOINT = re.compile(
+    r"^(?:tcp://(?P<host>[^:/]+|\[[^\]]+\]):(?P<port>\d+|\*)|ipc://.+)$"
+)
+
+
+@dataclass(frozen=True)
+class Socket:
+    """One side of a stage's data connection: it binds one endpoint or connects."""
+
+    bind: str | None = None
+    connect: tuple[str, ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.bind,) if self.bind else self.connect
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    call: str | None
+    command: tuple[str, ...] | None
+    replicas: int
+    pull: Socket | None
+    push: Socket | None
+    params: Mapping[str, Any]
+    env: Mapping[str, str]
+    restart: str
+    max_restarts: int
+    restart_window: float
+    backoff: float
+    backoff_max: float
+    heartbeat_timeout: float
+    max_rss: int | None
+    max_cpu: float | None
+
+    @property
+    def role(self) -> str:
+        """``source`` only sends, ``sink`` only receives, ``worker`` does both."""
+        if self.pull and self.push:
+            return "worker"
+        return "source" if self.push else "sink"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    path: Path
+    stages: tuple[Stage, ...]
+    delivery: str = "exactly-once"
+    window: int = 20_000
+    batch: int = 1000
+    flush_ms: float = 2.0
+    codec: str = "msgpack"
+    backend: str = "local"
+    grace_period: float = 5.0
+    ready_timeout: float = 10.0
+    health_interval: float = 0.5
+    heartbeat_interval: float = 0.1
+    redelivery_timeout: float = 10.0
+    max_attempts: int = 3
+    overrides: tuple[str, ...] = field(default=())
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from ``512MiB``, ``1.5 GB`` or a plain integer; None if unreadable."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value > 0 else None
+    if not isinstance(value, str):
+        return None
+    found = _SIZE.match(value)
+    if not found:
+        return None
+    unit = (found[2] or "B").lower()
+    return int(float(found[1]) * _SIZE_UNITS[unit])
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+class _Checker:
+    """Collects problems while reading one table; never stops at the first."""
+
+    def __init__(self, source: tomlfile.PipelineSource) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def fail(self, path: KeyPath, message: str) -> None:
+        self.problems.append(self.source.problem(path, message))
+
+    def table(self, value: Any, path: KeyPath, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a table, got {_describe(value)}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                hint = _closest(key, allowed)
+                extra = f" (did you mean {hint!r}?)" if hint else ""
+                self.fail(path + (key,), f"unknown key{extra}")
+        return value
+
+    def integer(
+        self, table: dict[str, Any], path: KeyPath, default: int, minimum: int = 0
+    ) -> int:
+        value = table.get(path[-1], default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, f"expected an integer, got {_describe(value)}")
+            return default
+        if value < minimum:
+            self.fail(path, f"must be at least {minimum}, got {value}")
+            return default
+        return value
+
+    def number(
+        self,
+        table: dict[str, Any],
+        path: KeyPath,
+        default: float,
+        positive: bool = False,
+    ) -> float:
+        value = table.get(path[-1], default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(path, f"expected a number, got {_describe(value)}")
+            return default
+        if value < 0 or (positive and value == 0):
+            self.fail(path, f"must be {'above' if positive else 'at least'} 0")
+            return default
+        return float(value)
+
+    def choice(
+        self,
+        table: dict[str, Any],
+        path: KeyPath,
+        default: str,
+        choices: tuple[str, ...],
+    ) -> str:
+        value = table.get(path[-1], default)
+        if value not in choices:
+            options = ", ".join(f'"{c}"' for c in choices)
+            self.fail(path, f"expected one of {options}, got {_describe(value)}")
+            return default
+        return str(value)
+
+    def string(self, table: dict[str, Any], path: KeyPath) -> str | None:
+        value = table.get(path[-1])
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail(path, f"expected a non-empty string, got {_describe(value)}")
+            return None
+        return value
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+_PIPELINE_KEYS = {
+    "name",
+    "delivery",
+    "window",
+    "batch",
+    "flush_ms",
+    "codec",
+    "backend",
+    "grace_period",
+    "ready_timeout",
+    "health_interval",
+    "heartbeat_interval",
+    "redelivery_timeout",
+    "max_attempts",
+}
+_STAGE_KEYS = {
+    "call",
+    "command",
+    "replicas",
+    "pull",
+    "push",
+    "params",
+    "env",
+    "restart",
+    "max_restarts",
+    "restart_window",
+    "backoff",
+    "backoff_max",
+    "heartbeat_timeout",
+    "max_rss",
+    "max_cpu",
+}
+
+
+def load(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    resolve: Callable[[Pipeline, tomlfile.PipelineSource], list[Problem]] | None = None,
+) -> Pipeline:
+    """Read, override and validate a pipeline file; raise ConfigError on any problem.
+
+    ``resolve`` checks what needs imports (stage callables and their
+    parameters); the CLI passes :func:`orchestrator.stagefn.check_calls`.
+    """
+    from . import topology
+
+    source = tomlfile.read(Path(path), overrides)
+    check = _Checker(source)
+    top = check.table(source.data, (), {"pipeline", "stages"})
+    pipeline = _pipeline(check, top, source, tuple(overrides))
+    if not check.problems:
+        check.problems.extend(topology.validate(pipeline, source))
+    if not check.problems and resolve is not None:
+        check.problems.extend(resolve(pipeline, source))
+    if check.problems:
+        raise ConfigError(check.problems)
+    return pipeline
+
+
+def _pipeline(
+    check: _Checker,
+    top: dict[str, Any],
+    source: tomlfile.PipelineSource,
+    overrides: tuple[str, ...],
+) -> Pipeline:
+    table = check.table(top.get("pipeline", {}), ("pipeline",), _PIPELINE_KEYS)
+    at: Callable[[str], KeyPath] = lambda key: ("pipeline", key)  # noqa: E731
+    name = check.string(table, at("name")) or source.path.stem
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        check.fail(at("name"), "use letters, digits, '-', '_' and '.' only")
+
+    stages_table = top.get("stages")
+    stages: list[Stage] = []
+    if stages_table is None:
+        check.fail(("stages",), "missing: a pipeline needs at least one stage")
+    elif not isinstance(stages_table, dict):
+        check.fail(("stages",), f"expected a table, got {_describe(stages_table)}")
+    else:
+        for stage_name, value in stages_table.items():
+            stage = _stage(check, stage_name, value)
+            if stage is not None:
+                stages.append(stage)
+        if not stages_table:
+            check.fail(("stages",), "a pipeline needs at least one stage")
+
+    return Pipeline(
+        name=name,
+        path=source.path.resolve(),
+        stages=tuple(stages),
+        delivery=check.choice(table, at("delivery"), "exactly-once", DELIVERY_MODES),
+        window=check.integer(table, at("window"), 20_000, minimum=1),
+        batch=check.integer(table, at("batch"), 1000, minimum=1),
+        flush_ms=check.number(table, at("flush_ms"), 2.0),
+        codec=check.choice(table, at("codec"), "msgpack", CODECS),
+        backend=check.choice(table, at("backend"), "local", BACKENDS),
+        grace_period=check.number(table, at("grace_period"), 5.0),
+        ready_timeout=check.number(table, at("ready_timeout"), 10.0, positive=True),
+        health_interval=check.number(table, at("health_interval"), 0.5, positive=True),
+        heartbeat_interval=check.number(
+            table, at("heartbeat_interval"), 0.1, positive=True
+        ),
+        redelivery_timeout=check.number(
+            table, at("redelivery_timeout"), 10.0, positive=True
+        ),
+        max_attempts=check.integer(table, at("max_attempts"), 3, minimum=1),
+        overrides=overrides,
+    )
+
+
+def _stage(check: _Checker, name: str, value: Any) -> Stage | None:
+    base: KeyPath = ("stages", name)
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        check.fail(base, "stage names use letters, digits, '-' and '_' only")
+    table = check.table(value, base, _STAGE_KEYS)
+    if not isinstance(value, dict):
+        return None
+    at: Callable[[str], KeyPath] = lambda key: base + (key,)  # noqa: E731
+
+    call = check.string(table, at("call"))
+    if call is not None and not re.fullmatch(r"[\w.]+:[\w.]+", call):
+        check.fail(at("call"), f'expected "module:function", got "{call}"')
+    command = _command(check, table.get("command"), at("command"))
+    if (call is None) == (command is None):
+        check.fail(base, 'needs exactly one of "call" or "command"')
+
+    pull = _socket(check, table.get("pull"), at("pull"))
+    push = _socket(check, table.get("push"), at("push"))
+    if "pull" not in table and "push" not in table:
+        check.fail(base, 'needs a "pull" or a "push" socket (or both)')
+
+    params = table.get("params", {})
+    if not isinstance(params, dict):
+        check.fail(at("params"), f"expected a table, got {_describe(params)}")
+        params = {}
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        check.fail(at("env"), "expected a table of strings")
+        env = {}
+
+    max_rss = None
+    if "max_rss" in table:
+        max_rss = parse_size(table["max_rss"])
+        if max_rss is None:
+            check.fail(
+                at("max_rss"),
+                f'expected a size such as "512MiB", got {_describe(table["max_rss"])}',
+            )
+    max_cpu = None
+    if "max_cpu" in table:
+        max_cpu = check.number(table, at("max_cpu"), 0.0, positive=True) or None
+
+    return Stage(
+        name=name,
+        call=call,
+        command=command,
+        replicas=check.integer(table, at("replicas"), 1, minimum=1),
+        pull=pull,
+        push=push,
+        params=params,
+        env=env,
+        restart=check.choice(table, at("restart"), "on-failure", RESTART_POLICIES),
+        max_restarts=check.integer(table, at("max_restarts"), 10),
+        restart_window=check.number(table, at("restart_window"), 60.0, positive=True),
+        backoff=check.number(table, at("backoff"), 0.05),
+        backoff_max=check.number(table, at("backoff_max"), 5.0),
+        heartbeat_timeout=check.number(
+            table, at("heartbeat_timeout"), 5.0, positive=True
+        ),
+        max_rss=max_rss,
+        max_cpu=max_cpu,
+    )
+
+
+def _command(check: _Checker, value: Any, path: KeyPath) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(part, str) for part in value)
+    ):
+        check.fail(
+            path, f"expected a non-empty array of strings, got {_describe(value)}"
+        )
+        return None
+    return tuple(value)
+
+
+def _socket(check: _Checker, value: Any, path: KeyPath) -> Socket | None:
+    if value is None:
+        return None
+    table = check.table(value, path, {"bind", "connect"})
+    if not isinstance(value, dict):
+        return None
+    bind = table.get("bind")
+    connect = table.get("connect", [])
+    if isinstance(connect, str):
+        connect = [connect]
+    if (bind is None) == (not connect):
+        check.fail(path, 'needs exactly one of "bind" or "connect"')
+        return None
+    if bind is not None:
+        if not isinstance(bind, str) or not _ENDPOINT.match(bind):
+            check.fail(path + ("bind",), _endpoint_hint(bind))
+            return None
+        return Socket(bind=bind)
+    if not isinstance(connect, list) or not all(isinstance(e, str) for e in connect):
+        check.fail(path + ("connect",), "expected an endpoint or an array of them")
+        return None
+    bad = [e for e in connect if not _ENDPOINT.match(e) or e.endswith(":*")]
+    for endpoint in bad:
+        check.fail(path + ("connect",), _endpoint_hint(endpoint))
+    return None if bad else Socket(connect=tuple(connect))
+
+
+def _endpoint_hint(value: Any) -> str:
+    return (
+        f'expected an endpoint such as "tcp://127.0.0.1:5557" or '
+        f'"ipc:///tmp/name", got {_describe(value)}'
+    )

@@ -1,0 +1,661 @@
+"""The supervisor: start the stages in order, watch them, restart, finish, stop.
+
+One thread, one loop.  Everything that happens arrives as a readable file
+descriptor: the signal wake-up pipe (SIGCHLD, SIGINT, SIGTERM), each stage's
+control channel, each stage's output pipe.  Timers (restarts after back-off,
+heartbeat deadlines, health samples) bound how long the loop sleeps.  Exits
+are noticed through SIGCHLD and reaped with ``waitpid``, never polled for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import random
+import selectors
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import Any
+
+from . import topology
+from .channel import Channel
+from .config import Pipeline, Stage
+from .launcher import spawn
+from .runtime import EXIT_SETUP, SLOT, ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+# A replica that has run this long without trouble starts its back-off over.
+HEALTHY_AFTER_S = 10.0
+# Lines of a stage's output kept to explain its death.
+TAIL_LINES = 20
+# Without delivery accounting, a run whose sources are done and whose counts
+# have not moved for this long is over, with whatever was lost, lost.
+SETTLE_S = 1.0
+# How long to wait for reaping after SIGKILL before giving up on a process.
+KILL_WAIT_S = 2.0
+# Rotate a replica's log file at this size, keeping this many old ones.
+LOG_BYTES = 10 * 2**20
+LOG_BACKUPS = 3
+
+
+@dataclass
+class Replica:
+    """One process slot of a stage, across all its incarnations."""
+
+    stage: Stage
+    index: int
+    log_handler: logging.Handler
+    pid: int | None = None
+    last_pid: int | None = None
+    state: str = "pending"
+    channel: Channel | None = None
+    output: int | None = None
+    slot: mmap.mmap | None = None
+    epoch: int = 0
+    started_at: float = 0.0
+    ready_at: float | None = None
+    last_heartbeat: float = 0.0
+    counters: dict[str, Any] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    failures: deque[float] = field(default_factory=deque)
+    exit: str | None = None
+    exit_code: int | None = None
+    stop_requested: bool = False
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    partial: bytes = b""
+    restart_at: float | None = None
+    pending_reason: str | None = None
+    summary: Any = None
+    error: dict[str, Any] | None = None
+    first_input_at: float | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage.name}.{self.index}"
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None
+
+    def total(self, key: str) -> Any:
+        """A counter over all incarnations of this replica."""
+        value = self.counters.get(key, self.totals.get(key, 0) and None)
+        if value is None:  # not reported by the current incarnation yet
+            return self.totals[key]
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, dict):
+            merged = dict(self.totals.get(key, {}))
+            for k, v in value.items():
+                merged[k] = merged.get(k, 0) + v
+            return merged
+        if self.stage.role == "source" and key in _ABSOLUTE_SOURCE_COUNTERS:
+            return max(value, self.totals.get(key, 0))
+        return self.totals.get(key, 0) + value
+
+
+# Sources resume where they were: these counters are positions, not deltas.
+_ABSOLUTE_SOURCE_COUNTERS = {"produced", "acked", "quarantined"}
+
+
+class Supervisor:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        run_dir: Path,
+        logs_dir: Path,
+        on_output: Callable[[Replica, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pipeline = pipeline
+        self.run_dir = run_dir
+        self.logs_dir = logs_dir
+        self.on_output = on_output
+        self.clock = clock
+        self.groups = topology.start_order(pipeline)
+        self.replicas: list[Replica] = [
+            Replica(stage, index, self._log_handler(stage, index))
+            for group in self.groups
+            for stage in group
+            for index in range(stage.replicas)
+        ]
+        self.sources = [r for r in self.replicas if r.stage.role == "source"]
+        self.sinks = [r for r in self.replicas if r.stage.role == "sink"]
+        self.by_pid: dict[int, Replica] = {}
+        self.selector = selectors.DefaultSelector()
+        self.status = "starting"
+        self.failure: str | None = None
+        self.failed_replica: Replica | None = None
+        self.signal_received: int | None = None
+        self.started_at = 0.0
+        self.ready_at: float | None = None
+        self.finished_at: float | None = None
+        self.last_progress = 0.0
+        self._progress_mark: tuple[Any, ...] = ()
+        self._wake_r = -1
+        self._wake_w = -1
+        self._old_handlers: dict[int, Any] = {}
+        self.hooks: list[Callable[[], None]] = []  # called on every loop turn
+
+    def _log_handler(self, stage: Stage, index: int) -> logging.Handler:
+        handler = RotatingFileHandler(
+            self.logs_dir / f"{stage.name}.{index}.log",
+            maxBytes=LOG_BYTES,
+            backupCount=LOG_BACKUPS,
+            encoding="utf-8",
+        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        return handler
+
+    # -- the run, in phases ---------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> None:
+        """Start, supervise until finished or failed, stop; never leaves a child."""
+        self.started_at = self.clock()
+        deadline = None if timeout is None else self.started_at + timeout
+        self._install_signals()
+        try:
+            if self._start_all(deadline):
+                self.status = "running"
+                self.ready_at = self.clock()
+                log.info(
+                    "pipeline %s: all stages ready in %.3f s",
+                    self.pipeline.name,
+                    self.ready_at - self.started_at,
+                )
+                self._supervise(deadline)
+        finally:
+            self.finished_at = self.clock()
+            self._stop_all()
+            self._restore_signals()
+            # Heartbeats lag; the counts each stage sent as it stopped do not.
+            if self.status == "completed" and self._lost():
+                self.status = "failed"
+                self.failure = f"{self._lost()} inputs lost"
+            for replica in self.replicas:
+                replica.log_handler.close()
+
+    def _start_all(self, deadline: float | None) -> bool:
+        """Start each group once every stage downstream of it is ready."""
+        for group in self.groups:
+            members = [r for r in self.replicas if r.stage in group]
+            for replica in members:
+                self._spawn(replica)
+            ready_by = self.clock() + self.pipeline.ready_timeout
+            while not all(r.state == "ready" for r in members):
+                if self._should_end(deadline):
+                    return False
+                if self.clock() > ready_by:
+                    late = [r.name for r in members if r.state != "ready"]
+                    self._fail(
+                        f"not ready within {self.pipeline.ready_timeout:g} s: "
+                        f"{', '.join(late)}"
+                    )
+                    return False
+                self._step(0.05)
+        return True
+
+    def _supervise(self, deadline: float | None) -> None:
+        self.last_progress = self.clock()
+        while not self._should_end(deadline):
+            if self._finished():
+                self.status = "completed"  # confirmed by the final counts
+                return
+            self._step(self._next_timer())
+
+    def _should_end(self, deadline: float | None) -> bool:
+        if self.signal_received is not None:
+            self.status = "interrupted"
+            return True
+        if self.status == "failed":
+            return True
+        if deadline is not None and self.clock() > deadline:
+            self.status = "timeout"
+            self.failure = "the run did not finish in time"
+            return True
+        return False
+
+    def _next_timer(self) -> float:
+        now = self.clock()
+        timers = [now + self.pipeline.health_interval]
+        timers += [r.restart_at for r in self.replicas if r.restart_at is not None]
+        return max(0.0, min(timers) - now)
+
+    # -- one turn of the loop -------------------------------------------------
+
+    def _step(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            handler = key.data
+            handler(key.fileobj)
+        self._restart_due()
+        self._check_heartbeats()
+        self._check_progress()
+        for hook in self.hooks:
+            hook()
+
+    def _on_wakeup(self, fd: Any) -> None:
+        try:
+            data = os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif signum in (signal.SIGINT, signal.SIGTERM):
+                if self.signal_received is not None:  # asked twice: no more grace
+                    self._kill_all()
+                self.signal_received = signum
+        self._reap()  # a SIGCHLD can coalesce with another signal's byte
+
+    def _on_channel(self, replica: Replica) -> Callable[[Any], None]:
+        def handle(fileobj: Any) -> None:
+            channel = replica.channel
+            if channel is None:
+                return
+            for message in channel.receive():
+                self._on_message(replica, message)
+            if channel.closed:
+                self._forget_fd(channel)
+
+        return handle
+
+    def _on_output_ready(self, replica: Replica) -> Callable[[Any], None]:
+        def handle(fd: Any) -> None:
+            self._read_output(replica)
+
+        return handle
+
+    def _read_output(self, replica: Replica, final: bool = False) -> None:
+        if replica.output is None:
+            return
+        try:
+            chunk = os.read(replica.output, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        data = replica.partial + chunk
+        lines = data.split(b"\n")
+        replica.partial = lines.pop()
+        if (not chunk or final) and replica.partial:
+            lines.append(replica.partial)
+            replica.partial = b""
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            replica.tail.append(line)
+            replica.log_handler.emit(logging.makeLogRecord({"msg": line}))
+            if self.on_output is not None:
+                self.on_output(replica, line)
+        if not chunk:
+            self._forget_fd(replica.output)
+            os.close(replica.output)
+            replica.output = None
+
+    def _forget_fd(self, fileobj: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(fileobj)
+
+    # -- messages from stages -------------------------------------------------
+
+    def _on_message(self, replica: Replica, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "hb":
+            replica.counters = message["c"]
+            replica.last_heartbeat = self.clock()
+        elif kind == "ready":
+            replica.state = "ready"
+            replica.ready_at = self.clock()
+            replica.last_heartbeat = replica.ready_at
+            log.info("%s pid %s ready", replica.name, replica.pid)
+        elif kind == "first_input":
+            replica.first_input_at = message["at"]
+        elif kind == "final":
+            replica.counters = message["c"]
+            replica.summary = message.get("summary")
+        elif kind == "error":
+            replica.error = message
+            if message.get("kind") == "exception":
+                log.error(
+                    "%s pid %s: the stage function raised:\n%s",
+                    replica.name,
+                    replica.pid,
+                    message.get("traceback", "").rstrip(),
+                )
+            else:
+                log.error(
+                    "%s pid %s: %s", replica.name, replica.pid, message.get("message")
+                )
+
+    # -- processes ------------------------------------------------------------
+
+    def _spawn(self, replica: Replica) -> None:
+        parent_end, child_end = Channel.pair()
+        if replica.slot is None:
+            replica.slot = mmap.mmap(-1, SLOT.size)
+        SLOT.pack_into(replica.slot, 0, 0, 0, 0)
+        spec = ReplicaSpec(
+            pipeline=self.pipeline,
+            stage=replica.stage,
+            replica=replica.index,
+            run_dir=self.run_dir,
+            channel=child_end,
+            slot=replica.slot,
+            src_id=self.sources.index(replica) if replica in self.sources else -1,
+            ack_endpoint=self.ack_endpoint(),
+            expected_peers=topology.expected_peers(self.pipeline, replica.stage),
+            epoch=replica.epoch,
+        )
+        pid, output = spawn(spec, os.getpid())
+        child_end.close()
+        os.set_blocking(output, False)
+        replica.pid, replica.channel, replica.output = pid, parent_end, output
+        replica.last_pid = pid
+        replica.state = "starting"
+        replica.started_at = self.clock()
+        replica.ready_at = None
+        replica.stop_requested = False
+        replica.error = None
+        replica.counters = {}
+        replica.first_input_at = None
+        replica.epoch += 1
+        self.by_pid[pid] = replica
+        self.selector.register(
+            parent_end, selectors.EVENT_READ, self._on_channel(replica)
+        )
+        self.selector.register(
+            output, selectors.EVENT_READ, self._on_output_ready(replica)
+        )
+        log.debug("%s pid %d spawned", replica.name, pid)
+
+    def ack_endpoint(self) -> str | None:
+        if not self.pipeline.exactly_once:
+            return None
+        return f"ipc://{self.run_dir}/ack.sock"
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            replica = self.by_pid.pop(pid, None)
+            if replica is not None:
+                self._on_exit(replica, status)
+
+    def _on_exit(self, replica: Replica, status: int) -> None:
+        # Read what the process said before it died: its last heartbeat, its
+        # error, the end of its output.
+        if replica.channel is not None:
+            for message in replica.channel.receive():
+                self._on_message(replica, message)
+            self._forget_fd(replica.channel)
+            replica.channel.close()
+            replica.channel = None
+        if replica.output is not None:
+            self._read_output(replica, final=True)
+        code = os.waitstatus_to_exitcode(status)
+        replica.exit_code = code
+        replica.exit = describe_exit(code)
+        for key, value in replica.counters.items():
+            if not isinstance(value, bool):
+                replica.totals[key] = replica.total(key)
+        replica.counters = {}
+        replica.pid = None
+        busy, src, key = SLOT.unpack_from(replica.slot) if replica.slot else (0, 0, 0)
+
+        if replica.stop_requested:
+            replica.state = "stopped"
+            log.debug("%s stopped (%s)", replica.name, replica.exit)
+            return
+        error = replica.error or {}
+        reason = replica.exit
+        if error.get("kind") in ("hung", "max_rss", "max_cpu"):
+            reason = error["kind"]
+        log.warning(
+            "%s pid %s exited unexpectedly: %s%s",
+            replica.name,
+            replica.last_pid,
+            reason,
+            f" ({error['message']})" if error.get("kind") == "exception" else "",
+        )
+        if self.status in ("running", "starting") and replica.stage.role != "source":
+            self._redeliver(replica, busy, src, key)
+        self._after_crash(replica, code, reason or "")
+
+    def _redeliver(self, replica: Replica, busy: int, src: int, key: int) -> None:
+        """Tell the sources that what this replica held is lost: send it again."""
+        if not self.pipeline.exactly_once:
+            return
+        blame = None
+        error = replica.error or {}
+        if "seq" in error:
+            blame = {"src": error["src"], "key": error["key"], "seq": error["seq"]}
+        elif busy:
+            blame = {"src": src, "key": key}
+        if blame is not None:
+            blame["reason"] = replica.exit
+            blame["detail"] = error.get("traceback") or "\n".join(replica.tail)
+        for source in self.sources:
+            if source.channel is not None:
+                source.channel.send({"t": "redeliver", "blame": blame})
+
+    def _after_crash(self, replica: Replica, code: int, reason: str) -> None:
+        stage = replica.stage
+        if self.status not in ("starting", "running"):
+            replica.state = "exited"
+            return
+        if code == EXIT_SETUP:
+            message = (replica.error or {}).get("message") or replica.exit or ""
+            self._fail(message, replica)
+            return
+        wanted = stage.restart == "always" or (
+            stage.restart == "on-failure" and code != 0
+        )
+        if not wanted:
+            replica.state = "exited"
+            if stage.role == "source" and code == 0:
+                return
+            self._fail(f"{replica.exit} (restart = {stage.restart!r})", replica)
+            return
+
+        now = self.clock()
+        if replica.ready_at is not None and now - replica.ready_at > HEALTHY_AFTER_S:
+            replica.failures.clear()
+        replica.failures.append(now)
+        while replica.failures and now - replica.failures[0] > stage.restart_window:
+            replica.failures.popleft()
+        if len(replica.failures) > stage.max_restarts:
+            self._fail(
+                f"{replica.exit}; restarted {stage.max_restarts} times within "
+                f"{stage.restart_window:g} s, giving up",
+                replica,
+            )
+            return
+        delay = backoff_delay(stage, len(replica.failures))
+        replica.state = "backoff"
+        replica.restart_at = now + delay
+        replica.pending_reason = reason
+        log.warning(
+            "%s restarting in %.3f s (restart %d of at most %d in %g s)",
+            replica.name,
+            delay,
+            len(replica.failures),
+            stage.max_restarts,
+            stage.restart_window,
+        )
+
+    def _restart_due(self) -> None:
+        now = self.clock()
+        for replica in self.replicas:
+            if replica.restart_at is not None and now >= replica.restart_at:
+                replica.restart_at = None
+                replica.restarts.append(
+                    {"at": time.time(), "reason": replica.pending_reason}
+                )
+                self._spawn(replica)
+
+    def _check_heartbeats(self) -> None:
+        """A replica that stopped sending heartbeats is hung: kill it."""
+        now = self.clock()
+        for replica in self.replicas:
+            if replica.state != "ready" or replica.pid is None:
+                continue
+            if now - replica.last_heartbeat > replica.stage.heartbeat_timeout:
+                log.warning(
+                    "%s pid %d sent no heartbeat for %.1f s: hung, killing it",
+                    replica.name,
+                    replica.pid,
+                    now - replica.last_heartbeat,
+                )
+                replica.state = "hung"
+                replica.error = {"kind": "hung", "message": "hung"}
+                self._signal(replica, signal.SIGKILL)
+
+    def _check_progress(self) -> None:
+        mark = tuple(r.total("counted") for r in self.sinks) + tuple(
+            r.total("produced") for r in self.sources
+        )
+        if mark != self._progress_mark:
+            self._progress_mark = mark
+            self.last_progress = self.clock()
+
+    def _signal(self, replica: Replica, signum: int) -> None:
+        if replica.pid is None:
+            return
+        try:
+            os.kill(replica.pid, signum)
+        except ProcessLookupError:  # already dead; SIGCHLD will tell us
+            pass
+        except OSError as exc:  # pragma: no cover
+            if exc.errno != errno.ESRCH:
+                raise
+
+    def _fail(self, reason: str, replica: Replica | None = None) -> None:
+        if self.status == "failed":
+            return
+        self.status = "failed"
+        self.failure = f"{replica.name}: {reason}" if replica else reason
+        self.failed_replica = replica
+        log.error("giving up: %s", self.failure)
+
+    # -- completion -----------------------------------------------------------
+
+    def produced(self) -> int:
+        return sum(int(r.total("produced")) for r in self.sources)
+
+    def counted(self) -> int:
+        return sum(int(r.total("counted")) for r in self.sinks)
+
+    def quarantined(self) -> int:
+        return sum(int(r.total("quarantined")) for r in self.sources)
+
+    def _finished(self) -> bool:
+        if not self.sources or not all(
+            r.counters.get("exhausted") or r.totals.get("exhausted")
+            for r in self.sources
+        ):
+            return False
+        if self.pipeline.exactly_once:
+            return all(r.counters.get("done") for r in self.sources)
+        if self.counted() >= self.produced():
+            return True
+        return self.clock() - self.last_progress > SETTLE_S
+
+    def _lost(self) -> int:
+        return max(0, self.produced() - self.counted() - self.quarantined())
+
+    # -- stopping -------------------------------------------------------------
+
+    def _stop_all(self) -> None:
+        """Stop sources, then workers, then sinks: SIGTERM, grace, SIGKILL."""
+        for replica in self.replicas:
+            replica.restart_at = None
+        for group in reversed(self.groups):
+            members = [r for r in self.replicas if r.stage in group]
+            self._stop(members)
+        self._kill_all()
+
+    def _stop(self, members: list[Replica]) -> None:
+        for replica in members:
+            if replica.pid is not None:
+                replica.stop_requested = True
+                replica.state = "stopping"
+                self._signal(replica, signal.SIGTERM)
+        deadline = self.clock() + self.pipeline.grace_period
+        while any(r.pid is not None for r in members) and self.clock() < deadline:
+            self._step(0.05)
+        for replica in members:
+            if replica.pid is not None:
+                log.warning(
+                    "%s pid %d did not stop within %g s: killing it",
+                    replica.name,
+                    replica.pid,
+                    self.pipeline.grace_period,
+                )
+                self._signal(replica, signal.SIGKILL)
+
+    def _kill_all(self) -> None:
+        for replica in self.replicas:
+            if replica.pid is not None:
+                replica.stop_requested = True
+                self._signal(replica, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while self.by_pid and time.monotonic() < deadline:
+            self._reap()
+            if self.by_pid:
+                time.sleep(0.005)
+
+    # -- signals --------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[signum] = signal.signal(signum, _note_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+
+    def _restore_signals(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._forget_fd(self._wake_r)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    """The wake-up fd carries the signal; the loop acts on it, not the handler."""
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit {code}"
+
+
+def backoff_delay(
+    stage: Stage, failures: int, jitter: Callable[[], float] = random.random
+) -> float:
+    """Exponential back-off with jitter; the first restart is immediate."""
+    if failures <= 1:
+        return 0.0
+    delay = min(stage.backoff * 2 ** (failures - 2), stage.backoff_max)
+    return delay * (0.5 + jitter())

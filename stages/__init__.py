@@ -1,0 +1,1 @@
+"""Stage functions shipped with the orchestrator (the default pipeline's)."""

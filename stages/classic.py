@@ -1,0 +1,33 @@
+"""The classic ZeroMQ pipeline: numbers out, even numbers kept, counted per consumer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from orchestrator import StageContext
+
+
+def produce(ctx: StageContext, messages: int = 20_000) -> Iterator[dict[str, int]]:
+    """Yield ``{"num": n}`` for n = 0 .. messages-1."""
+    for num in range(messages):
+        yield {"num": num}
+
+
+def keep_even(record: dict[str, int], ctx: StageContext) -> dict[str, int] | None:
+    """Pass the even numbers on, stamped with the replica that handled them."""
+    num = record["num"]
+    if num % 2 == 0:
+        return {"consumer": ctx.replica, "num": num}
+    return None
+
+
+def collect(records: Iterable[dict[str, Any]], ctx: StageContext) -> dict[str, Any]:
+    """Count the results per consumer; the sum lets a test check each number once."""
+    per_consumer: Counter[int] = Counter()
+    total = 0
+    for record in records:
+        per_consumer[record["consumer"]] += 1
+        total += record["num"]
+    return {"per_consumer": dict(per_consumer), "sum": total}
