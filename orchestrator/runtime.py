@@ -49,6 +49,8 @@ HWM_FRAMES = 64
 # The default 100 ms reconnect interval would put that much delay between a
 # producer binding and the workers that started before it attaching.
 RECONNECT_MS = 10
+# A busy source's partial frame waits at most this many flush intervals.
+PATIENCE = 20
 # A forced heartbeat (a stage went idle, a source finished) is still spaced
 # out by this much, so a bursty stream cannot flood the supervisor.
 MIN_HEARTBEAT_GAP_S = 0.01
@@ -354,17 +356,56 @@ class _Reader(threading.Thread):
         self.done = False
         self.error: BaseException | None = None
         self.first_at = 0.0  # when the oldest record waiting was read
+        self.taken = 0
+        self.active = True
+        self._last_cpu = 0.0
+        self._busy_at = time.monotonic()
+
+    def observe(self, flush_s: float) -> None:
+        """Decide whether the source has gone quiet (blocked in the generator).
+
+        Neither wall time nor the reader's progress tells a quiet source from
+        one that merely did not get the CPU (two cores, four busy processes)
+        or the GIL.  The kernel does: a reader that is not runnable and has
+        used no CPU for ``flush_s`` is waiting inside the generator, and its
+        partial frame may go.
+        """
+        now = time.monotonic()
+        cpu = self._cpu_time()
+        if cpu != self._last_cpu or self._runnable():
+            self._last_cpu = cpu
+            self._busy_at = now
+        self.active = now - self._busy_at < flush_s
+
+    def _cpu_time(self) -> float:
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self.ident or 0))
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            return time.monotonic()
+
+    def _runnable(self) -> bool:
+        try:
+            with open(f"/proc/self/task/{self.native_id}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:  # the thread ended, or no /proc
+            return False
+        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
 
     def ready(self, flush_s: float) -> bool:
-        """Is a frame's worth waiting, or has the oldest record waited long enough?
+        """Is a full frame waiting, or should a partial one go now?
 
-        Partial frames only go out when the source is slow; a fast source
-        fills every frame, which keeps the inputs dealt evenly to workers.
+        A partial frame goes out when the source has gone quiet (a trickle:
+        its records then wait about one flush interval) or when its oldest
+        record has waited far too long.  A busy source fills every frame,
+        which keeps the inputs dealt evenly over the workers.
         """
         size = len(self.queue)
-        return size >= self.batch or (
-            size > 0 and (self.done or time.monotonic() - self.first_at >= flush_s)
-        )
+        if size >= self.batch:
+            return True
+        if size == 0:
+            return False
+        waited = time.monotonic() - self.first_at
+        return self.done or not self.active or waited >= flush_s * PATIENCE
 
     def run(self) -> None:
         queue, batch, high = self.queue, self.batch, self.high
@@ -397,6 +438,7 @@ class _Reader(threading.Thread):
         queue = self.queue
         popleft = queue.popleft
         records = [popleft() for _ in range(min(limit, len(queue)))]
+        self.taken += len(records)
         if queue:
             self.first_at = time.monotonic()
         self.room.set()
@@ -446,6 +488,8 @@ class SourceRuntime(Runtime):
             self._handle_blame()
             if self.exactly_once:
                 self._redeliver()
+            if reader.queue:
+                reader.observe(flush_s)
             while not self.window.full and reader.ready(flush_s):
                 self._send_records(reader.take(self.pipeline.batch))
             if reader.error is not None:

@@ -1,0 +1,176 @@
+"""The default pipeline and the foundation's promises, with real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, Workspace, orchestrator_processes, stage_processes, wait_for
+
+
+def _private_endpoints(ws: Workspace) -> list[str]:
+    work, results = ws.endpoint("work"), ws.endpoint("results")
+    return [
+        "--set", f"stages.producer.push.bind={work}",
+        "--set", f"stages.consumer.pull.connect={work}",
+        "--set", f"stages.consumer.push.connect={results}",
+        "--set", f"stages.collector.pull.bind={results}",
+    ]
+
+
+def test_default_pipeline_completes_with_balanced_inputs(ws: Workspace) -> None:
+    code, report = ws.run_json(str(ROOT / "pipeline.toml"), *_private_endpoints(ws))
+
+    assert code == 0, report
+    assert report["status"] == "completed"
+    assert report["produced"] == 20_000
+    assert report["collected"] == 10_000
+    assert report["lost"] == 0
+    consumers = [w for w in report["workers"] if w["stage"] == "consumer"]
+    assert len(consumers) == 2
+    for consumer in consumers:
+        assert abs(consumer["received"] - 10_000) <= 1
+    assert sum(report["per_consumer"].values()) == 10_000
+    assert report["summary"]["sum"] == sum(range(0, 20_000, 2))
+
+
+def test_report_json_has_the_documented_fields(ws: Workspace) -> None:
+    code, report = ws.run_json(str(ws.classic(messages=2000)))
+
+    assert code == 0
+    for key in ("status", "produced", "collected", "per_consumer", "workers",
+                "duration_s", "lost"):
+        assert key in report
+    for worker in report["workers"]:
+        for key in ("stage", "replica", "pid", "received", "emitted", "restarts",
+                    "exit"):
+            assert key in worker
+    assert {w["stage"] for w in report["workers"]} == {"producer", "consumer",
+                                                        "collector"}
+
+
+def test_stages_start_collector_first_then_consumers_then_producer(
+        ws: Workspace) -> None:
+    result = ws.cli("run", str(ws.classic(messages=100)))
+
+    assert result.returncode == 0, result.stderr
+    ready = re.findall(r"(\w+)\.\d+ pid \d+ ready", result.stderr)
+    assert ready[0] == "collector"
+    assert ready[1:3] == ["consumer", "consumer"]
+    assert ready[3] == "producer"
+
+
+def test_table_shows_inputs_and_results_per_consumer(ws: Workspace) -> None:
+    result = ws.cli("run", str(ws.classic(messages=2000)))
+
+    assert result.returncode == 0, result.stderr
+    assert "consumer.0" in result.stdout and "consumer.1" in result.stdout
+    assert "completed" in result.stdout
+    assert "collected 1000" in result.stdout
+
+
+def test_python_dash_m_and_version(ws: Workspace) -> None:
+    result = ws.cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("orchestrator ")
+
+
+def test_help_shows_examples_and_exit_codes(ws: Workspace) -> None:
+    result = ws.cli("--help")
+    assert result.returncode == 0
+    assert "orchestrator run" in result.stdout
+    assert "130" in result.stdout
+
+
+def _start_long_run(ws: Workspace) -> psutil.Process:
+    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001")
+    proc = ws.popen("run", str(path))
+    supervisor = psutil.Process(proc.pid)
+    wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
+    return supervisor
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_everything_with_its_exit_code(ws: Workspace, signum: int,
+                                                     code: int) -> None:
+    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001")
+    proc = ws.popen("run", str(path))
+    wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
+    children = stage_processes(proc.pid)
+    time.sleep(0.3)  # let work flow, so the stop interrupts a busy pipeline
+
+    proc.send_signal(signum)
+    proc.communicate(timeout=20)
+
+    assert proc.returncode == code
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_killed_supervisor_leaves_no_stage_behind(ws: Workspace) -> None:
+    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001")
+    proc = ws.popen("run", str(path))
+    wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
+    children = stage_processes(proc.pid)
+
+    proc.kill()
+    proc.communicate(timeout=10)
+
+    def all_gone() -> bool:
+        return not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                       for c in children)
+
+    wait_for(all_gone, timeout=2.0, message="stage processes to exit")
+
+
+def test_stage_processes_carry_a_title(ws: Workspace) -> None:
+    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001",
+                      name="titled")
+    proc = ws.popen("run", str(path))
+    try:
+        wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
+        titles = wait_for(lambda: sorted(
+            " ".join(p.cmdline()) for p in stage_processes(proc.pid)
+            if "orchestrator: titled" in " ".join(p.cmdline())), message="titles")
+        assert "orchestrator: titled consumer.1" in titles
+        assert "orchestrator: titled collector.0" in titles
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def test_busy_port_is_reported_with_its_endpoint(ws: Workspace) -> None:
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        path = ws.classic(messages=100)
+        result = ws.cli("run", str(path), "--set",
+                        f"stages.collector.pull.bind=tcp://127.0.0.1:{port}", "--set",
+                        f"stages.consumer.push.connect=tcp://127.0.0.1:{port}")
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert f"tcp://127.0.0.1:{port}" in result.stderr + result.stdout
+    assert "in use" in (result.stderr + result.stdout).lower()
+    assert not orchestrator_processes(f"orchestrator: t ")
+
+
+def test_crashing_stage_fails_the_run_naming_it_and_its_exit_code(
+        ws: Workspace) -> None:
+    path = ws.classic(messages=1000, worker="teststages:exit_at_once",
+                      worker_extra='restart = "never"')
+    code, report = ws.run_json(str(path), timeout=30)
+
+    assert code == 1
+    assert report["status"] == "failed"
+    assert "consumer." in report["failure"]
+    assert "exit 1" in report["failure"]

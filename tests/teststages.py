@@ -1,0 +1,89 @@
+"""Stage functions that misbehave on purpose, for the tests.
+
+The tests copy this file next to the pipeline files they write, so that
+``call = "teststages:..."`` resolves the way a user's own module would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from orchestrator import StageContext
+
+
+def numbers(ctx: StageContext, messages: int = 1000, rate: float = 0.0
+            ) -> Iterator[dict[str, int]]:
+    """``{"num": n}``; with ``rate``, at most that many per second."""
+    started = time.monotonic()
+    for num in range(messages):
+        if rate:
+            delay = started + num / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield {"num": num}
+
+
+def keep_even(record: dict[str, int], ctx: StageContext, delay: float = 0.0
+              ) -> dict[str, int] | None:
+    if delay:
+        time.sleep(delay)
+    if record["num"] % 2 == 0:
+        return {"consumer": ctx.replica, "num": record["num"]}
+    return None
+
+
+def raise_on(record: dict[str, int], ctx: StageContext, poison: int = -1
+             ) -> dict[str, int] | None:
+    if record["num"] == poison:
+        raise ValueError(f"cannot handle {poison}")
+    return keep_even(record, ctx)
+
+
+def exit_on(record: dict[str, int], ctx: StageContext, poison: int = -1
+            ) -> dict[str, int] | None:
+    if record["num"] == poison:
+        os._exit(3)
+    return keep_even(record, ctx)
+
+
+def exit_at_once(record: Any, ctx: StageContext) -> None:
+    raise SystemExit(1)
+
+
+def stop_self_on(record: dict[str, int], ctx: StageContext, poison: int = -1,
+                 replica: int = 0) -> dict[str, int] | None:
+    """SIGSTOP this process when it meets ``poison`` (once, on one replica)."""
+    marker = ctx.run_dir / f"stopped-{ctx.stage}"
+    if record["num"] == poison and ctx.replica == replica and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return keep_even(record, ctx)
+
+
+_hoard: list[bytes] = []
+
+
+def grow(record: dict[str, int], ctx: StageContext, per_record: int = 100_000
+         ) -> dict[str, int] | None:
+    """Leak ``per_record`` bytes per record on replica 0, until restarted."""
+    if ctx.replica == 0 and not (ctx.run_dir / "grown").exists():
+        _hoard.append(bytes(per_record))
+        if len(_hoard) * per_record > 400 * 2**20:
+            (ctx.run_dir / "grown").touch()
+    return keep_even(record, ctx)
+
+
+def count(records: Iterable[dict[str, Any]], ctx: StageContext) -> dict[str, Any]:
+    per_consumer: Counter[int] = Counter()
+    total = 0
+    seen = 0
+    for record in records:
+        per_consumer[record["consumer"]] += 1
+        total += record["num"]
+        seen += 1
+    return {"per_consumer": dict(per_consumer), "sum": total, "results": seen}
