@@ -337,7 +337,7 @@ def _stage(check: _Checker, name: str, value: Any) -> Stage | None:
     if call is not None and not re.fullmatch(r"[\w.]+:[\w.]+", call):
         check.fail(at("call"), f'expected "module:function", got "{call}"')
     command = _command(check, table.get("command"), at("command"))
-    if (call is None) == (command is None):
+    if ("call" in table) == ("command" in table):
         check.fail(base, 'needs exactly one of "call" or "command"')
 
     pull = _socket(check, table.get("pull"), at("pull"))

@@ -39,11 +39,14 @@ class KeyLines:
 
     def __init__(self, text: str) -> None:
         self._lines: dict[KeyPath, int] = {}
+        self.duplicates: list[tuple[KeyPath, int, int]] = []  # path, first, again
         table: KeyPath = ()
         for number, line in enumerate(text.splitlines(), start=1):
             header = _HEADER.match(line)
             if header:
                 table = _split_dotted(header["name"])
+                if table in self._lines and not line.lstrip().startswith("[["):
+                    self.duplicates.append((table, self._lines[table], number))
                 self._lines.setdefault(table, number)
                 continue
             assign = _ASSIGN.match(line)
@@ -92,6 +95,18 @@ def read(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSou
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        duplicates = KeyLines(text).duplicates
+        if duplicates:  # say it in the user's words, not the parser's
+            raise ConfigError(
+                Problem(
+                    str(path),
+                    again,
+                    ".".join(table),
+                    f"declared twice (first at line {first})"
+                    + (": duplicate stage name" if table[0] == "stages" else ""),
+                )
+                for table, first, again in duplicates
+            ) from exc
         raise ConfigError([_decode_problem(path, exc)]) from exc
 
     source = PipelineSource(path, data, KeyLines(text))

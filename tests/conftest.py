@@ -41,10 +41,17 @@ class Workspace:
         target.write_text(text)
         return target
 
-    def classic(self, messages: int = 20_000, replicas: int = 2, *,
-                worker: str = "teststages:keep_even", worker_params: str = "",
-                worker_extra: str = "", pipeline_extra: str = "",
-                name: str = "t") -> Path:
+    def classic(
+        self,
+        messages: int = 20_000,
+        replicas: int = 2,
+        *,
+        worker: str = "teststages:keep_even",
+        worker_params: str = "",
+        worker_extra: str = "",
+        pipeline_extra: str = "",
+        name: str = "t",
+    ) -> Path:
         """The classic three-stage pipeline, on private endpoints."""
         params = f"params = {{ {worker_params} }}" if worker_params else ""
         return self.write(f"""
@@ -54,28 +61,33 @@ name = "{name}"
 
 [stages.producer]
 call = "teststages:numbers"
-push = {{ bind = "{self.endpoint('work')}" }}
+push = {{ bind = "{self.endpoint("work")}" }}
 params = {{ messages = {messages} }}
 
 [stages.consumer]
 call = "{worker}"
 replicas = {replicas}
-pull = {{ connect = "{self.endpoint('work')}" }}
-push = {{ connect = "{self.endpoint('results')}" }}
+pull = {{ connect = "{self.endpoint("work")}" }}
+push = {{ connect = "{self.endpoint("results")}" }}
 {params}
 {worker_extra}
 
 [stages.collector]
 call = "teststages:count"
-pull = {{ bind = "{self.endpoint('results')}" }}
+pull = {{ bind = "{self.endpoint("results")}" }}
 """)
 
-    def cli(self, *args: str, timeout: float = 60, check: bool = False
-            ) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 60, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``orchestrator ARGS`` to completion in a real process."""
         result = subprocess.run(
-            [sys.executable, "-m", "orchestrator", *args], cwd=self.path,
-            env=self.env, capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"exit {result.returncode}\n{result.stderr}")
@@ -83,8 +95,12 @@ pull = {{ bind = "{self.endpoint('results')}" }}
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", *args], cwd=self.path,
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=self.path,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def run_json(self, *args: str, timeout: float = 60) -> tuple[int, dict[str, Any]]:
@@ -92,8 +108,10 @@ pull = {{ bind = "{self.endpoint('results')}" }}
         try:
             return result.returncode, json.loads(result.stdout)
         except ValueError as exc:
-            raise AssertionError(f"no JSON report (exit {result.returncode}):\n"
-                                 f"{result.stdout}\n{result.stderr}") from exc
+            raise AssertionError(
+                f"no JSON report (exit {result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            ) from exc
 
 
 @pytest.fixture
@@ -103,15 +121,20 @@ def ws() -> Iterator[Workspace]:
     shutil.copy(HERE / "teststages.py", path / "teststages.py")
     env = dict(os.environ)
     env["ORCHESTRATOR_HOME"] = str(path / "home")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                      env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), env.get("PYTHONPATH")])
+    )
     env.pop("COLUMNS", None)
     yield Workspace(path, env)
     shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0,
-             interval: float = 0.02, message: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
     """Poll ``condition`` until it is truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,8 +16,9 @@ from typing import Any
 from orchestrator import StageContext
 
 
-def numbers(ctx: StageContext, messages: int = 1000, rate: float = 0.0
-            ) -> Iterator[dict[str, int]]:
+def numbers(
+    ctx: StageContext, messages: int = 1000, rate: float = 0.0
+) -> Iterator[dict[str, int]]:
     """``{"num": n}``; with ``rate``, at most that many per second."""
     started = time.monotonic()
     for num in range(messages):
@@ -28,8 +29,9 @@ def numbers(ctx: StageContext, messages: int = 1000, rate: float = 0.0
         yield {"num": num}
 
 
-def keep_even(record: dict[str, int], ctx: StageContext, delay: float = 0.0
-              ) -> dict[str, int] | None:
+def keep_even(
+    record: dict[str, int], ctx: StageContext, delay: float = 0.0
+) -> dict[str, int] | None:
     if delay:
         time.sleep(delay)
     if record["num"] % 2 == 0:
@@ -37,15 +39,17 @@ def keep_even(record: dict[str, int], ctx: StageContext, delay: float = 0.0
     return None
 
 
-def raise_on(record: dict[str, int], ctx: StageContext, poison: int = -1
-             ) -> dict[str, int] | None:
+def raise_on(
+    record: dict[str, int], ctx: StageContext, poison: int = -1
+) -> dict[str, int] | None:
     if record["num"] == poison:
         raise ValueError(f"cannot handle {poison}")
     return keep_even(record, ctx)
 
 
-def exit_on(record: dict[str, int], ctx: StageContext, poison: int = -1
-            ) -> dict[str, int] | None:
+def exit_on(
+    record: dict[str, int], ctx: StageContext, poison: int = -1
+) -> dict[str, int] | None:
     if record["num"] == poison:
         os._exit(3)
     return keep_even(record, ctx)
@@ -55,8 +59,9 @@ def exit_at_once(record: Any, ctx: StageContext) -> None:
     raise SystemExit(1)
 
 
-def stop_self_on(record: dict[str, int], ctx: StageContext, poison: int = -1,
-                 replica: int = 0) -> dict[str, int] | None:
+def stop_self_on(
+    record: dict[str, int], ctx: StageContext, poison: int = -1, replica: int = 0
+) -> dict[str, int] | None:
     """SIGSTOP this process when it meets ``poison`` (once, on one replica)."""
     marker = ctx.run_dir / f"stopped-{ctx.stage}"
     if record["num"] == poison and ctx.replica == replica and not marker.exists():
@@ -68,8 +73,9 @@ def stop_self_on(record: dict[str, int], ctx: StageContext, poison: int = -1,
 _hoard: list[bytes] = []
 
 
-def grow(record: dict[str, int], ctx: StageContext, per_record: int = 100_000
-         ) -> dict[str, int] | None:
+def grow(
+    record: dict[str, int], ctx: StageContext, per_record: int = 100_000
+) -> dict[str, int] | None:
     """Leak ``per_record`` bytes per record on replica 0, until restarted."""
     if ctx.replica == 0 and not (ctx.run_dir / "grown").exists():
         _hoard.append(bytes(per_record))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -10,16 +9,26 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ROOT, Workspace, orchestrator_processes, stage_processes, wait_for
+from tests.conftest import (
+    ROOT,
+    Workspace,
+    orchestrator_processes,
+    stage_processes,
+    wait_for,
+)
 
 
 def _private_endpoints(ws: Workspace) -> list[str]:
     work, results = ws.endpoint("work"), ws.endpoint("results")
     return [
-        "--set", f"stages.producer.push.bind={work}",
-        "--set", f"stages.consumer.pull.connect={work}",
-        "--set", f"stages.consumer.push.connect={results}",
-        "--set", f"stages.collector.pull.bind={results}",
+        "--set",
+        f"stages.producer.push.bind={work}",
+        "--set",
+        f"stages.consumer.pull.connect={work}",
+        "--set",
+        f"stages.consumer.push.connect={results}",
+        "--set",
+        f"stages.collector.pull.bind={results}",
     ]
 
 
@@ -43,19 +52,37 @@ def test_report_json_has_the_documented_fields(ws: Workspace) -> None:
     code, report = ws.run_json(str(ws.classic(messages=2000)))
 
     assert code == 0
-    for key in ("status", "produced", "collected", "per_consumer", "workers",
-                "duration_s", "lost"):
+    for key in (
+        "status",
+        "produced",
+        "collected",
+        "per_consumer",
+        "workers",
+        "duration_s",
+        "lost",
+    ):
         assert key in report
     for worker in report["workers"]:
-        for key in ("stage", "replica", "pid", "received", "emitted", "restarts",
-                    "exit"):
+        for key in (
+            "stage",
+            "replica",
+            "pid",
+            "received",
+            "emitted",
+            "restarts",
+            "exit",
+        ):
             assert key in worker
-    assert {w["stage"] for w in report["workers"]} == {"producer", "consumer",
-                                                        "collector"}
+    assert {w["stage"] for w in report["workers"]} == {
+        "producer",
+        "consumer",
+        "collector",
+    }
 
 
 def test_stages_start_collector_first_then_consumers_then_producer(
-        ws: Workspace) -> None:
+    ws: Workspace,
+) -> None:
     result = ws.cli("run", str(ws.classic(messages=100)))
 
     assert result.returncode == 0, result.stderr
@@ -96,8 +123,9 @@ def _start_long_run(ws: Workspace) -> psutil.Process:
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_everything_with_its_exit_code(ws: Workspace, signum: int,
-                                                     code: int) -> None:
+def test_signal_stops_everything_with_its_exit_code(
+    ws: Workspace, signum: int, code: int
+) -> None:
     path = ws.classic(messages=10_000_000, worker_params="delay = 0.001")
     proc = ws.popen("run", str(path))
     wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
@@ -122,21 +150,26 @@ def test_killed_supervisor_leaves_no_stage_behind(ws: Workspace) -> None:
     proc.communicate(timeout=10)
 
     def all_gone() -> bool:
-        return not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                       for c in children)
+        return not any(
+            c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+        )
 
     wait_for(all_gone, timeout=2.0, message="stage processes to exit")
 
 
 def test_stage_processes_carry_a_title(ws: Workspace) -> None:
-    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001",
-                      name="titled")
+    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001", name="titled")
     proc = ws.popen("run", str(path))
     try:
         wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
-        titles = wait_for(lambda: sorted(
-            " ".join(p.cmdline()) for p in stage_processes(proc.pid)
-            if "orchestrator: titled" in " ".join(p.cmdline())), message="titles")
+        titles = wait_for(
+            lambda: sorted(
+                " ".join(p.cmdline())
+                for p in stage_processes(proc.pid)
+                if "orchestrator: titled" in " ".join(p.cmdline())
+            ),
+            message="titles",
+        )
         assert "orchestrator: titled consumer.1" in titles
         assert "orchestrator: titled collector.0" in titles
     finally:
@@ -153,21 +186,30 @@ def test_busy_port_is_reported_with_its_endpoint(ws: Workspace) -> None:
     port = holder.getsockname()[1]
     try:
         path = ws.classic(messages=100)
-        result = ws.cli("run", str(path), "--set",
-                        f"stages.collector.pull.bind=tcp://127.0.0.1:{port}", "--set",
-                        f"stages.consumer.push.connect=tcp://127.0.0.1:{port}")
+        result = ws.cli(
+            "run",
+            str(path),
+            "--set",
+            f"stages.collector.pull.bind=tcp://127.0.0.1:{port}",
+            "--set",
+            f"stages.consumer.push.connect=tcp://127.0.0.1:{port}",
+        )
     finally:
         holder.close()
     assert result.returncode == 1
     assert f"tcp://127.0.0.1:{port}" in result.stderr + result.stdout
     assert "in use" in (result.stderr + result.stdout).lower()
-    assert not orchestrator_processes(f"orchestrator: t ")
+    assert not orchestrator_processes("orchestrator: t ")
 
 
 def test_crashing_stage_fails_the_run_naming_it_and_its_exit_code(
-        ws: Workspace) -> None:
-    path = ws.classic(messages=1000, worker="teststages:exit_at_once",
-                      worker_extra='restart = "never"')
+    ws: Workspace,
+) -> None:
+    path = ws.classic(
+        messages=1000,
+        worker="teststages:exit_at_once",
+        worker_extra='restart = "never"',
+    )
     code, report = ws.run_json(str(path), timeout=30)
 
     assert code == 1
