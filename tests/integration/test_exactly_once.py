@@ -1,0 +1,187 @@
+"""Exactly-once results: kill any process at any moment, the counts stay exact.
+
+The collector's sink (teststages.count) sums the numbers it counts, so a
+number counted twice, or a lost one replaced by a duplicate, shows up even
+when the count of results looks right.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import Workspace, stage_processes, wait_for
+
+RATE = 100_000  # inputs per second: long enough a run to kill things in
+
+
+def even_sum(messages: int) -> int:
+    return sum(range(0, messages, 2))
+
+
+def chaos_pipeline(ws: Workspace, messages: int, **kw: Any) -> Any:
+    return (
+        ws.classic(
+            messages=messages,
+            worker_extra=kw.pop("worker_extra", "max_restarts = 1000"),
+            **kw,
+        )
+        .read_text()
+        .replace(
+            f"params = {{ messages = {messages} }}",
+            f"params = {{ messages = {messages}, rate = {RATE} }}",
+        )
+    )
+
+
+def start(ws: Workspace, text: str) -> subprocess.Popen[str]:
+    path = ws.write(text)
+    return ws.popen("run", "--json", str(path))
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    try:
+        return dict(json.loads(out))
+    except ValueError as exc:
+        raise AssertionError(f"exit {proc.returncode}, no report:\n{err}") from exc
+
+
+def replicas_of(proc: subprocess.Popen[str], stage: str) -> list[psutil.Process]:
+    found = []
+    for child in stage_processes(proc.pid):
+        try:
+            if f" {stage}." in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def assert_exact(report: dict[str, Any], messages: int) -> None:
+    assert report["status"] == "completed", report.get("failure")
+    assert report["produced"] == messages
+    assert report["collected"] == messages // 2
+    assert report["summary"]["results"] == messages // 2
+    assert report["summary"]["sum"] == even_sum(messages)
+    assert report["lost"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_random_consumer_killed_every_300_ms_counts_stay_exact(ws: Workspace) -> None:
+    messages = 200_000
+    proc = start(ws, chaos_pipeline(ws, messages))
+    wait_for(lambda: len(replicas_of(proc, "consumer")) == 2, message="consumers")
+    kills = 0
+    rng = random.Random(1)
+    while proc.poll() is None:
+        time.sleep(0.3)
+        victims = replicas_of(proc, "consumer")
+        if victims and proc.poll() is None:
+            rng.choice(victims).kill()
+            kills += 1
+    report = finish(proc)
+
+    assert_exact(report, messages)
+    assert kills >= 5
+    restarts = sum(w["restarts"] for w in report["workers"] if w["stage"] == "consumer")
+    assert kills - 1 <= restarts <= kills  # the last kill may land during the stop
+    assert report["quarantined"] == 0
+    assert proc.returncode == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("victim", ["collector", "producer"])
+def test_collector_or_producer_killed_mid_run_counts_stay_exact(
+    ws: Workspace, victim: str
+) -> None:
+    messages = 200_000
+    proc = start(ws, chaos_pipeline(ws, messages))
+    wait_for(lambda: replicas_of(proc, "producer"), message="the producer")
+    time.sleep(0.7)  # mid-run: about a third of the stream is through
+    replicas_of(proc, victim)[0].kill()
+    report = finish(proc)
+
+    assert_exact(report, messages)
+    stage = next(w for w in report["workers"] if w["stage"] == victim)
+    assert stage["restarts"] == 1
+    assert stage["restart_reasons"] == ["SIGKILL"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("worker", ["teststages:raise_on", "teststages:exit_on"])
+def test_poison_input_is_quarantined_once_and_the_rest_is_exact(
+    ws: Workspace, worker: str
+) -> None:
+    messages, poison = 20_000, 7_778
+    path = ws.classic(
+        messages=messages, worker=worker, worker_params=f"poison = {poison}"
+    )
+    code, report = ws.run_json(str(path))
+
+    assert code == 0, report.get("failure")
+    assert report["status"] == "completed"
+    assert report["quarantined"] == 1
+    assert report["collected"] == messages // 2 - 1
+    assert report["summary"]["sum"] == even_sum(messages) - poison
+    assert report["lost"] == 0
+    dead = (ws.path / "home").glob("*/run/dead-letter.jsonl")
+    entries = [json.loads(line) for f in dead for line in f.read_text().splitlines()]
+    assert len(entries) == 1
+    assert entries[0]["record"] == {"num": poison}
+    assert entries[0]["attempts"] == 3
+    if worker.endswith("raise_on"):
+        assert "ValueError: cannot handle 7778" in entries[0]["detail"]
+    else:
+        assert entries[0]["error"] == "exit 3"
+
+
+def test_accounting_off_reports_loss_honestly(ws: Workspace) -> None:
+    messages = 200_000
+    text = chaos_pipeline(ws, messages, pipeline_extra='delivery = "at-most-once"')
+    proc = start(ws, text)
+    wait_for(lambda: len(replicas_of(proc, "consumer")) == 2, message="consumers")
+    time.sleep(0.5)
+    replicas_of(proc, "consumer")[0].kill()
+    report = finish(proc)
+
+    assert report["delivery"] == "at-most-once"
+    counted = report["counted_inputs"]
+    assert report["lost"] == messages - counted
+    if report["lost"]:
+        assert report["status"] == "failed"
+        assert proc.returncode == 1
+    else:  # the kill found the worker empty-handed
+        assert report["status"] == "completed"
+
+
+def peak_rss(ws: Workspace, messages: int) -> dict[str, int]:
+    """Peak RSS of the producer and the collector over a run, sampled."""
+    proc = ws.popen("run", "--json", str(ws.classic(messages=messages)))
+    peaks = {"producer": 0, "collector": 0}
+    while proc.poll() is None:
+        for stage in peaks:
+            for child in replicas_of(proc, stage):
+                try:
+                    peaks[stage] = max(peaks[stage], child.memory_info().rss)
+                except psutil.NoSuchProcess:
+                    pass
+        time.sleep(0.01)
+    report = finish(proc)
+    assert report["status"] == "completed"
+    return peaks
+
+
+@pytest.mark.timeout(120)
+def test_memory_is_bounded_by_the_window_not_the_stream(ws: Workspace) -> None:
+    small = peak_rss(ws, 200_000)
+    large = peak_rss(ws, 2_000_000)
+
+    for stage in ("producer", "collector"):
+        assert large[stage] - small[stage] < 8 * 2**20, (stage, small, large)
