@@ -31,7 +31,9 @@ def build(sup: Supervisor) -> dict[str, Any]:
     summary = sink.summary if sink is not None else None
     per_consumer: Any = per_via
     if isinstance(summary, dict) and isinstance(summary.get("per_consumer"), dict):
-        per_consumer = {str(k): v for k, v in summary["per_consumer"].items()}
+        per_consumer = {
+            str(k): v for k, v in sorted(summary["per_consumer"].items())
+        }
 
     produced = sup.produced()
     collected = sum(int(r.total("results")) for r in sup.sinks)
@@ -71,7 +73,11 @@ def build(sup: Supervisor) -> dict[str, Any]:
 
 def _replica_entry(replica: Any, per_via: dict[str, int]) -> dict[str, Any]:
     role = replica.stage.role
-    received = replica.total("received") if role != "source" else 0
+    received = {
+        "source": 0,
+        "worker": replica.total("received"),
+        "sink": replica.total("results"),
+    }[role]
     emitted = (
         replica.total("produced")
         if role == "source"
@@ -143,9 +149,12 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     console.print(
         f"produced {report['produced']}  collected {report['collected']}  "
-        f"lost {report['lost']}  redelivered {report['redelivered']}  "
+        f"lost {report['lost']}  quarantined {report['quarantined']}"
+    )
+    console.print(
+        f"redelivered {report['redelivered']}  "
         f"duplicates dropped {report['duplicates_dropped']}  "
-        f"quarantined {report['quarantined']}"
+        f"restarts {report['restarts']}"
     )
     console.print(
         f"per consumer {report['per_consumer']}  "
