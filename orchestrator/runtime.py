@@ -416,7 +416,9 @@ class _Reader(threading.Thread):
                 size = len(queue)
                 if size == 1:
                     self.first_at = time.monotonic()
-                elif size >= batch:
+                elif size % batch == 0:
+                    # Once per full frame, not per record: a wake-up is a
+                    # system call, and a busy source would make one per record.
                     self._wake()
                     while len(queue) >= high:
                         self.room.clear()
