@@ -93,3 +93,8 @@ def count(records: Iterable[dict[str, Any]], ctx: StageContext) -> dict[str, Any
         total += record["num"]
         seen += 1
     return {"per_consumer": dict(per_consumer), "sum": total, "results": seen}
+
+
+def fan_out(record: dict[str, int], ctx: StageContext) -> list[dict[str, int]]:
+    """0, 1 or 2 records per input (n % 3 of them)."""
+    return [{"num": record["num"], "part": i} for i in range(record["num"] % 3)]

@@ -185,3 +185,75 @@ def test_memory_is_bounded_by_the_window_not_the_stream(ws: Workspace) -> None:
 
     for stage in ("producer", "collector"):
         assert large[stage] - small[stage] < 8 * 2**20, (stage, small, large)
+
+
+@pytest.mark.timeout(90)
+def test_two_worker_stages_with_fan_out_stay_exact_under_kills(ws: Workspace) -> None:
+    messages = 100_000
+    work, middle, results = (ws.endpoint(n) for n in ("work", "middle", "results"))
+    path = ws.write(f"""
+[stages.producer]
+call = "teststages:numbers"
+push = {{ bind = "{work}" }}
+params = {{ messages = {messages}, rate = {RATE} }}
+
+[stages.split]
+call = "teststages:fan_out"
+max_restarts = 1000
+pull = {{ connect = "{work}" }}
+push = {{ bind = "{middle}" }}
+
+[stages.consumer]
+call = "teststages:keep_even"
+replicas = 2
+max_restarts = 1000
+pull = {{ connect = "{middle}" }}
+push = {{ connect = "{results}" }}
+
+[stages.collector]
+call = "teststages:count"
+pull = {{ bind = "{results}" }}
+""")
+    proc = ws.popen("run", "--json", str(path))
+    wait_for(lambda: len(replicas_of(proc, "consumer")) == 2, message="consumers")
+    rng = random.Random(2)
+    kills = 0
+    while proc.poll() is None and kills < 6:
+        time.sleep(0.2)
+        victims = replicas_of(proc, "consumer") + replicas_of(proc, "split")
+        if victims and proc.poll() is None:
+            rng.choice(victims).kill()
+            kills += 1
+    report = finish(proc)
+
+    evens = [n for n in range(messages) if n % 2 == 0]
+    assert report["status"] == "completed", report.get("failure")
+    assert report["collected"] == sum(n % 3 for n in evens)
+    assert report["summary"]["sum"] == sum(n * (n % 3) for n in evens)
+    assert report["lost"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_undecodable_message_goes_to_the_dead_letter_file(ws: Workspace) -> None:
+    import zmq
+
+    text = chaos_pipeline(ws, 100_000)
+    proc = start(ws, text)
+    wait_for(lambda: replicas_of(proc, "producer"), message="the producer")
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 1000
+        push.connect(ws.endpoint("results"))
+        push.send(b"\xc1 not a frame")
+        push.close()
+    finally:
+        ctx.term()
+    report = finish(proc)
+
+    assert_exact(report, 100_000)
+    dead = next((ws.path / "home").glob("*/run/dead-letter.jsonl"))
+    entries = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert len(entries) == 1
+    assert entries[0]["stage"] == "collector"
+    assert "undecodable" in entries[0]["error"]

@@ -1,0 +1,49 @@
+"""`orchestrator check`: the plan for a good file, exit 2 and lines for a bad one."""
+
+from __future__ import annotations
+
+from tests.conftest import ROOT, Workspace
+
+
+def test_check_prints_the_plan_and_start_order(ws: Workspace) -> None:
+    result = ws.cli("check", str(ROOT / "pipeline.toml"))
+
+    assert result.returncode == 0, result.stderr
+    assert "start order: collector -> consumer -> producer" in result.stdout
+    assert "consumer     worker x2" in result.stdout
+    assert "push bind tcp://127.0.0.1:5557" in result.stdout
+
+
+def test_misspelled_key_exits_2_naming_key_and_line(ws: Workspace) -> None:
+    text = (ROOT / "pipeline.toml").read_text().replace("replicas = 2", "replica = 2")
+    path = ws.write(text)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "replica = 2" in t)
+
+    result = ws.cli("check", str(path))
+
+    assert result.returncode == 2
+    assert f"{path}:{line}: stages.consumer.replica: unknown key" in result.stderr
+    assert "did you mean 'replicas'?" in result.stderr
+
+
+def test_run_with_a_bad_file_starts_nothing_and_exits_2(ws: Workspace) -> None:
+    path = ws.write('[stages.producer]\ncall = "nowhere:fn"\npush = { bind = 3 }\n')
+
+    result = ws.cli("run", str(path))
+
+    assert result.returncode == 2
+    assert "stages.producer.push.bind" in result.stderr
+    assert not (ws.path / "home").exists() or not list(
+        (ws.path / "home").glob("*/logs/*.log")
+    )
+
+
+def test_bad_override_exits_2(ws: Workspace) -> None:
+    result = ws.cli(
+        "check", str(ROOT / "pipeline.toml"), "--set", "stages.consumer.replicas=0"
+    )
+    assert result.returncode == 2
+    assert (
+        "--set stages.consumer.replicas=0: stages.consumer.replicas: must be at "
+        "least 1" in result.stderr
+    )
