@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
 import mmap
@@ -32,6 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .channel import Channel
 from .codec import Codec
 from .config import Pipeline, Stage
+from .health import endpoint_holder
 from .ledger import Batch, Ledger, SeqSet, Window
 from .stagefn import StageContext, resolve
 
@@ -165,11 +167,16 @@ class Runtime:
             try:
                 sock.bind(spec.bind)
             except zmq.ZMQError as exc:
+                holder = None
+                if exc.errno == errno.EADDRINUSE:
+                    holder = endpoint_holder(spec.bind)
+                held = f" (held by {holder})" if holder else ""
                 self._fatal(
                     "bind",
-                    f"cannot bind {spec.bind}: {exc.strerror}",
+                    f"cannot bind {spec.bind}: {exc.strerror}{held}",
                     endpoint=spec.bind,
                     errno=exc.errno,
+                    holder=holder,
                 )
         for endpoint in spec.connect:
             sock.connect(endpoint)

@@ -28,6 +28,7 @@ from typing import Any
 from . import topology
 from .channel import Channel
 from .config import Pipeline, Stage
+from .health import HealthMonitor
 from .launcher import spawn
 from .runtime import EXIT_SETUP, SLOT, ReplicaSpec
 
@@ -42,6 +43,16 @@ TAIL_LINES = 20
 SETTLE_S = 1.0
 # How long to wait for reaping after SIGKILL before giving up on a process.
 KILL_WAIT_S = 2.0
+# Why the supervisor itself ended a replica that had not crashed.
+HEALTH_REASONS = ("hung", "max_rss", "max_cpu")
+# Without the sink's ledger (delivery = "at-most-once") these roles cannot
+# be restarted without making the run's counts lie.
+_NOT_RESTARTABLE = {
+    "source": "with at-most-once delivery a restarted source would send its "
+    "stream again from the start (duplicates), so it is not restarted",
+    "sink": "with at-most-once delivery what the sink had counted died with "
+    "it, so it is not restarted",
+}
 # Rotate a replica's log file at this size, keeping this many old ones.
 LOG_BYTES = 10 * 2**20
 LOG_BACKUPS = 3
@@ -147,6 +158,7 @@ class Supervisor:
         self._wake_w = -1
         self._old_handlers: dict[int, Any] = {}
         self.hooks: list[Callable[[], None]] = []  # called on every loop turn
+        self.health = HealthMonitor(pipeline.health_interval, clock=clock)
 
     def _log_handler(self, stage: Stage, index: int) -> logging.Handler:
         handler = RotatingFileHandler(
@@ -228,7 +240,7 @@ class Supervisor:
 
     def _next_timer(self) -> float:
         now = self.clock()
-        timers = [now + self.pipeline.health_interval]
+        timers = [now + self.pipeline.health_interval, self.health.due()]
         timers += [r.restart_at for r in self.replicas if r.restart_at is not None]
         return max(0.0, min(timers) - now)
 
@@ -240,6 +252,7 @@ class Supervisor:
             handler(key.fileobj)
         self._restart_due()
         self._check_heartbeats()
+        self._check_health()
         self._check_progress()
         for hook in self.hooks:
             hook()
@@ -392,6 +405,7 @@ class Supervisor:
             if pid == 0:
                 return
             replica = self.by_pid.pop(pid, None)
+            self.health.forget(pid)
             if replica is not None:
                 self._on_exit(replica, status)
 
@@ -422,7 +436,7 @@ class Supervisor:
             return
         error = replica.error or {}
         reason = replica.exit
-        if error.get("kind") in ("hung", "max_rss", "max_cpu"):
+        if error.get("kind") in HEALTH_REASONS:
             reason = error["kind"]
         log.warning(
             "%s pid %s exited unexpectedly: %s%s",
@@ -461,14 +475,18 @@ class Supervisor:
             message = (replica.error or {}).get("message") or replica.exit or ""
             self._fail(message, replica)
             return
-        wanted = stage.restart == "always" or (
-            stage.restart == "on-failure" and code != 0
-        )
+        # A replica we stopped for its health exits 0, and is still a failure.
+        failed = code != 0 or reason in HEALTH_REASONS
+        wanted = stage.restart == "always" or (stage.restart == "on-failure" and failed)
         if not wanted:
             replica.state = "exited"
             if stage.role == "source" and code == 0:
                 return
-            self._fail(f"{replica.exit} (restart = {stage.restart!r})", replica)
+            self._fail(f"{reason} (restart = {stage.restart!r})", replica)
+            return
+        if not self.pipeline.exactly_once and stage.role in _NOT_RESTARTABLE:
+            replica.state = "exited"
+            self._fail(f"{reason}; {_NOT_RESTARTABLE[stage.role]}", replica)
             return
 
         now = self.clock()
@@ -479,7 +497,7 @@ class Supervisor:
             replica.failures.popleft()
         if len(replica.failures) > stage.max_restarts:
             self._fail(
-                f"{replica.exit}; restarted {stage.max_restarts} times within "
+                f"{reason}; restarted {stage.max_restarts} times within "
                 f"{stage.restart_window:g} s, giving up",
                 replica,
             )
@@ -523,6 +541,38 @@ class Supervisor:
                 replica.state = "hung"
                 replica.error = {"kind": "hung", "message": "hung"}
                 self._signal(replica, signal.SIGKILL)
+
+    def _check_health(self) -> None:
+        """Sample the stage processes when due; restart those over a limit."""
+        for pid in self.health.overdue():
+            replica = self.by_pid.get(pid)
+            if replica is not None:
+                log.warning(
+                    "%s pid %d did not stop within %g s: killing it",
+                    replica.name,
+                    pid,
+                    self.pipeline.grace_period,
+                )
+                self._signal(replica, signal.SIGKILL)
+        if not self.health.sample_due(self.clock()):
+            return
+        zombies = self.health.zombies_seen
+        verdicts = self.health.sample(self.replicas)
+        if self.health.zombies_seen > zombies:  # dead, whatever SIGCHLD said
+            self._reap()
+        for verdict in verdicts:
+            replica = verdict.replica
+            if self.status == "running" and replica.state == "ready":
+                self._restart_gracefully(replica, verdict.reason, verdict.detail)
+
+    def _restart_gracefully(self, replica: Replica, reason: str, detail: str) -> None:
+        """SIGTERM now, SIGKILL after the grace period; then a restart as usual."""
+        assert replica.pid is not None
+        log.warning("%s pid %d %s: restarting it", replica.name, replica.pid, detail)
+        replica.state = "terminating"
+        replica.error = {"kind": reason, "message": detail}
+        self._signal(replica, signal.SIGTERM)
+        self.health.stopping(replica.pid, self.pipeline.grace_period)
 
     def _check_progress(self) -> None:
         mark = tuple(r.total("counted") for r in self.sinks) + tuple(
