@@ -344,6 +344,14 @@ def _stage(check: _Checker, name: str, value: Any) -> Stage | None:
     push = _socket(check, table.get("push"), at("push"))
     if "pull" not in table and "push" not in table:
         check.fail(base, 'needs a "pull" or a "push" socket (or both)')
+    elif command is not None and ("pull" not in table or "push" not in table):
+        # Sources number the inputs, sinks count and acknowledge them and
+        # write the summary: only the runtime does that (docs/stages.md).
+        check.fail(
+            at("command"),
+            'a command stage must be a worker, with both "pull" and "push"; '
+            'write sources and sinks as functions ("call"), see docs/stages.md',
+        )
 
     params = table.get("params", {})
     if not isinstance(params, dict):

@@ -9,6 +9,7 @@ creates a ZeroMQ context: nothing of ZeroMQ crosses the fork.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -107,6 +108,7 @@ def stage_environment(spec: ReplicaSpec) -> dict[str, str]:
         "ORCHESTRATOR_RUN_DIR": str(spec.run_dir),
         "ORCHESTRATOR_CODEC": spec.pipeline.codec,
         "ORCHESTRATOR_CONTROL_FD": str(spec.channel.fileno()),
+        "ORCHESTRATOR_PARAMS": json.dumps(dict(spec.stage.params), default=str),
     }
     for side in ("pull", "push"):
         socket = getattr(spec.stage, side)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -92,10 +94,27 @@ def check_call(fn: Callable[..., Any], stage: Stage) -> str | None:
     return None
 
 
+def check_command(program: str) -> str | None:
+    """Why ``program`` cannot be executed, or None; as ``execvp`` will look."""
+    if os.sep in program:
+        if not os.path.isfile(program):
+            return f"{program!r} does not exist (relative to {os.getcwd()})"
+        if not os.access(program, os.X_OK):
+            return f"{program!r} is not executable"
+        return None
+    if shutil.which(program) is None:
+        return f"{program!r} is not found on PATH"
+    return None
+
+
 def check_calls(pipeline: Pipeline, source: PipelineSource) -> list[Problem]:
     """Import every stage function and check it accepts its role's arguments."""
     problems = []
     for stage in pipeline.stages:
+        if stage.command is not None:
+            why = check_command(stage.command[0])
+            if why:
+                problems.append(source.problem(("stages", stage.name, "command"), why))
         if stage.call is None:
             continue
         key = ("stages", stage.name, "call")

@@ -25,7 +25,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any
 
-from . import topology
+from . import command, topology
 from .channel import Channel
 from .config import Pipeline, Stage
 from .health import HealthMonitor
@@ -251,6 +251,7 @@ class Supervisor:
             handler = key.data
             handler(key.fileobj)
         self._restart_due()
+        self._check_commands_ready()
         self._check_heartbeats()
         self._check_health()
         self._check_progress()
@@ -525,12 +526,25 @@ class Supervisor:
                 )
                 self._spawn(replica)
 
+    def _check_commands_ready(self) -> None:
+        """A command stage says nothing: its connections tell when it is ready."""
+        for replica in self.replicas:
+            if (
+                replica.stage.command is not None
+                and replica.state == "starting"
+                and replica.pid is not None
+                and command.is_ready(replica.pid, replica.stage)
+            ):
+                self._on_message(replica, {"t": "ready"})
+
     def _check_heartbeats(self) -> None:
         """A replica that stopped sending heartbeats is hung: kill it."""
         now = self.clock()
         for replica in self.replicas:
             if replica.state != "ready" or replica.pid is None:
                 continue
+            if replica.stage.command is not None and not replica.counters:
+                continue  # a command stage that does not send heartbeats
             if now - replica.last_heartbeat > replica.stage.heartbeat_timeout:
                 log.warning(
                     "%s pid %d sent no heartbeat for %.1f s: hung, killing it",

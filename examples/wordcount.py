@@ -1,0 +1,48 @@
+"""Word frequency over a text file, as a pipeline.
+
+``lines`` reads the file line by line, ``words`` splits each line into
+words, ``tally`` counts them and writes one JSON object (word -> count).
+A word is what ``re.findall(r"\\w+", line.lower())`` finds, so the result is
+identical to this single-process count::
+
+    counts = collections.Counter()
+    with open(path, encoding="utf-8", errors="replace") as text:
+        for line in text:
+            counts.update(re.findall(r"\\w+", line.lower()))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator import StageContext
+
+WORD = re.compile(r"\w+")
+
+
+def lines(ctx: StageContext, path: str) -> Iterator[str]:
+    """Each line of the file at ``path``; undecodable bytes become U+FFFD."""
+    with open(path, encoding="utf-8", errors="replace") as text:
+        yield from text
+
+
+def words(line: str, ctx: StageContext) -> list[str]:
+    """The words of one line, lower-cased."""
+    return WORD.findall(line.lower())
+
+
+def tally(records: Iterable[str], ctx: StageContext, output: str) -> dict[str, Any]:
+    """Count the words and write them to ``output`` as one JSON object."""
+    counts = Counter(records)
+    target = Path(output).resolve()
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(partial, "w", encoding="utf-8") as out:
+        json.dump(counts, out, ensure_ascii=False)
+    os.replace(partial, target)  # never leave half a file where one is expected
+    return {"output": str(target), "words": counts.total(), "distinct": len(counts)}

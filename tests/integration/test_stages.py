@@ -1,0 +1,292 @@
+"""The stage API: command stages, pipelines of any shape, errors in user code."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HERE, Workspace
+
+# Stages for the shapes below; written next to the pipeline files, like a
+# user's own module.
+CHAIN_STAGES = """
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+
+def lines(ctx, count=1000, start=0, fail_at=-1) -> Iterator[str]:
+    for n in range(start, start + count):
+        if n == fail_at:
+            raise ValueError(f"source broke at {n}")
+        yield f"{n},{n * n}"
+
+
+def parse(line: str, ctx) -> dict[str, int]:
+    n, square = line.split(",")
+    return {"n": int(n), "square": int(square)}
+
+
+def keep_multiples(record: dict[str, int], ctx, of=3, fail_at=-1):
+    if record["n"] == fail_at:
+        raise ValueError(f"worker broke at {record['n']}")
+    return record if record["n"] % of == 0 else None
+
+
+def enrich(record: dict[str, int], ctx):
+    yield {**record, "cube": record["n"] ** 3, "by": ctx.stage}
+    yield {**record, "cube": 0, "by": "copy"}
+
+
+def total(records: Iterable[dict[str, Any]], ctx, fail_after=-1) -> dict[str, Any]:
+    seen = 0
+    sums = {"n": 0, "square": 0, "cube": 0}
+    for record in records:
+        if seen == fail_after:
+            raise ValueError(f"sink broke after {seen}")
+        seen += 1
+        for key in sums:
+            sums[key] += record.get(key, 0)
+    return {"results": seen, **sums}
+"""
+
+
+def _write_stages(ws: Workspace) -> None:
+    (ws.path / "chainstages.py").write_text(CHAIN_STAGES)
+
+
+def _chain(
+    ws: Workspace,
+    count: int,
+    pipeline_extra: str = "",
+    source_params: str = "",
+    worker_params: str = "",
+    sink_params: str = "",
+) -> Path:
+    _write_stages(ws)
+    e = ws.endpoint
+    return ws.write(f"""
+[pipeline]
+name = "chain"
+{pipeline_extra}
+
+[stages.read]
+call = "chainstages:lines"
+push = {{ bind = "{e("lines")}" }}
+params = {{ count = {count} {source_params} }}
+
+[stages.parse]
+call = "chainstages:parse"
+replicas = 2
+pull = {{ connect = "{e("lines")}" }}
+push = {{ connect = "{e("parsed")}" }}
+
+[stages.filter]
+call = "chainstages:keep_multiples"
+pull = {{ bind = "{e("parsed")}" }}
+push = {{ bind = "{e("kept")}" }}
+params = {{ of = 3 {worker_params} }}
+
+[stages.enrich]
+call = "chainstages:enrich"
+replicas = 2
+pull = {{ connect = "{e("kept")}" }}
+push = {{ connect = "{e("results")}" }}
+
+[stages.sink]
+call = "chainstages:total"
+pull = {{ bind = "{e("results")}" }}
+params = {{ {sink_params} }}
+""")
+
+
+def test_a_chain_of_three_worker_stages_gives_exact_results(ws: Workspace) -> None:
+    count = 30_000
+    code, report = ws.run_json(str(_chain(ws, count)))
+
+    assert code == 0, report
+    kept = [n for n in range(count) if n % 3 == 0]
+    assert report["summary"] == {
+        "results": 2 * len(kept),
+        "n": 2 * sum(kept),
+        "square": 2 * sum(n * n for n in kept),
+        "cube": sum(n**3 for n in kept),
+    }
+    assert report["produced"] == count and report["lost"] == 0
+    assert report["duplicates_dropped"] == 0
+
+
+def test_the_chain_is_exact_at_most_once_too(ws: Workspace) -> None:
+    count = 5000
+    path = _chain(ws, count, pipeline_extra='delivery = "at-most-once"')
+    code, report = ws.run_json(str(path))
+
+    assert code == 0, report
+    kept = [n for n in range(count) if n % 3 == 0]
+    assert report["summary"]["results"] == 2 * len(kept)
+    assert report["summary"]["n"] == 2 * sum(kept)
+
+
+@pytest.mark.parametrize("worker_binds", [False, True])
+def test_several_sources_feed_one_worker_stage(
+    ws: Workspace, worker_binds: bool
+) -> None:
+    _write_stages(ws)
+    e = ws.endpoint
+    if worker_binds:  # one worker binds, the sources connect to it
+        a_push = b_push = f'{{ connect = "{e("in")}" }}'
+        pull, replicas = f'{{ bind = "{e("in")}" }}', 1
+    else:  # each source binds, every worker replica connects to both
+        a_push, b_push = f'{{ bind = "{e("a")}" }}', f'{{ bind = "{e("b")}" }}'
+        pull, replicas = f'{{ connect = ["{e("a")}", "{e("b")}"] }}', 2
+    path = ws.write(f"""
+[pipeline]
+name = "fanin"
+
+[stages.a]
+call = "chainstages:lines"
+push = {a_push}
+params = {{ count = 4000 }}
+
+[stages.b]
+call = "chainstages:lines"
+push = {b_push}
+params = {{ count = 3000, start = 100000 }}
+
+[stages.parse]
+call = "chainstages:parse"
+replicas = {replicas}
+pull = {pull}
+push = {{ connect = "{e("results")}" }}
+
+[stages.sink]
+call = "chainstages:total"
+pull = {{ bind = "{e("results")}" }}
+""")
+    code, report = ws.run_json(str(path))
+
+    assert code == 0, report
+    numbers = list(range(4000)) + list(range(100_000, 103_000))
+    assert report["summary"]["results"] == 7000
+    assert report["summary"]["n"] == sum(numbers)
+    assert report["summary"]["square"] == sum(n * n for n in numbers)
+    assert report["produced"] == 7000 and report["lost"] == 0
+
+
+def test_command_stage_runs_between_function_stages(ws: Workspace) -> None:
+    """A program using pyzmq directly, told everything by environment variables."""
+    shutil.copy(HERE / "cmdworker.py", ws.path / "cmdworker.py")
+    e = ws.endpoint
+    path = ws.write(f"""
+[pipeline]
+name = "cmd"
+
+[stages.producer]
+call = "teststages:numbers"
+push = {{ bind = "{e("work")}" }}
+params = {{ messages = 20000 }}
+
+[stages.doubler]
+command = ["{sys.executable}", "cmdworker.py"]
+replicas = 2
+pull = {{ connect = "{e("work")}" }}
+push = {{ connect = "{e("doubled")}" }}
+params = {{ factor = 2 }}
+
+[stages.consumer]
+call = "teststages:keep_even"
+pull = {{ bind = "{e("doubled")}" }}
+push = {{ connect = "{e("results")}" }}
+
+[stages.collector]
+call = "teststages:count"
+pull = {{ bind = "{e("results")}" }}
+""")
+    result = ws.cli("run", "--json", str(path))
+    import json
+
+    report = json.loads(result.stdout)
+
+    assert result.returncode == 0, result.stderr
+    assert report["summary"]["results"] == 20_000
+    assert report["summary"]["sum"] == 2 * sum(range(20_000))
+    assert report["lost"] == 0
+    # Both replicas were started with their identity and got ready.
+    assert "doubler.0 pid" in result.stderr and "doubler.1 pid" in result.stderr
+    assert "doubler.1 | doubler.1 pid" in result.stderr
+
+
+def test_command_source_is_rejected_with_the_reason(ws: Workspace) -> None:
+    path = ws.classic(messages=10)
+    result = ws.cli(
+        "check",
+        str(path),
+        "--set",
+        f'stages.producer.command=["{sys.executable}", "x.py"]',
+        "--set",
+        "stages.producer.call=",
+    )
+    assert result.returncode == 2
+    text = result.stdout + result.stderr
+    assert "command stage must be a worker" in text
+
+
+def test_missing_command_program_is_caught_by_check(ws: Workspace) -> None:
+    path = ws.classic(messages=10, worker_extra="")
+    text = path.read_text().replace(
+        'call = "teststages:keep_even"', 'command = ["no-such-program-here"]'
+    )
+    path.write_text(text)
+    result = ws.cli("check", str(path))
+
+    assert result.returncode == 2
+    assert "stages.consumer.command" in result.stderr + result.stdout
+    assert "not found on PATH" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "stage, params, message",
+    [
+        ("read", {"source_params": ", fail_at = 700"}, "source broke at 700"),
+        ("filter", {"worker_params": ", fail_at = 300"}, "worker broke at 300"),
+        ("sink", {"sink_params": "fail_after = 50"}, "sink broke after 50"),
+    ],
+)
+def test_exception_in_user_code_names_stage_replica_and_traceback(
+    ws: Workspace, stage: str, params: dict[str, str], message: str
+) -> None:
+    path = _chain(ws, 2000, **params)
+    text = path.read_text().replace(
+        f"[stages.{stage}]\n", f'[stages.{stage}]\nrestart = "never"\n'
+    )
+    path.write_text(text)
+    result = ws.cli("run", "--json", str(path))
+    import json
+
+    report = json.loads(result.stdout)
+
+    assert result.returncode == 1
+    assert report["status"] == "failed"
+    assert report["failure"].startswith(f"{stage}.0: ")
+    failed = report["failed_stage"]
+    assert (failed["stage"], failed["replica"]) == (stage, 0)
+    assert "Traceback (most recent call last)" in failed["traceback"]
+    assert f"ValueError: {message}" in failed["traceback"]
+    assert "chainstages.py" in failed["traceback"]
+    # The supervisor's log names the replica and its pid, then the traceback.
+    assert (
+        f"{stage}.0 pid {failed_pid(report, stage)}: the stage function raised"
+        in result.stderr
+    )
+    assert f"ValueError: {message}" in result.stderr
+    # And the replica's own log file keeps it.
+    logs = list((ws.path / "home").glob(f"chain-*/logs/{stage}.0.log"))
+    assert logs and f"ValueError: {message}" in logs[0].read_text()
+
+
+def failed_pid(report: dict[str, object], stage: str) -> int:
+    workers = report["workers"]
+    assert isinstance(workers, list)
+    return next(w["pid"] for w in workers if w["stage"] == stage)
