@@ -5,14 +5,17 @@ This module is the one place that turns errors into messages and exit codes:
     0    the run completed and every input is accounted for
     1    the run failed (a stage failed, inputs were lost, timeout, mismatch)
     2    bad configuration or usage; nothing was started
+    3    no daemon is running the pipeline (status, stop, scale, ...)
     130  interrupted by Ctrl-C (SIGINT)
     143  stopped by SIGTERM
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -22,8 +25,29 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from . import __version__, config, report, rundir, stagefn, topology
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OrchestratorError
+from . import (
+    __version__,
+    config,
+    control,
+    daemon,
+    display,
+    report,
+    rundir,
+    smoke,
+    stagefn,
+    topology,
+)
+from . import logs as logfiles
+from .errors import (
+    EXIT_FAILED,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+    NotRunning,
+    OrchestratorError,
+    UsageError,
+)
+from .metrics import Metrics
 from .supervisor import Replica, Supervisor
 
 EXAMPLES = """
@@ -33,9 +57,16 @@ Examples:
   orchestrator run --json > report.json     # machine-readable report on stdout
   orchestrator run --set stages.producer.params.messages=1000000
   orchestrator check pipeline.toml          # validate and print the plan
+  orchestrator run --timeout 120 --expect collected=10000 --junit smoke.xml
+
+  orchestrator up                           # in the background, once ready
+  orchestrator status                       # exit 0 only if every stage is up
+  orchestrator scale consumer=4             # live, without touching the rest
+  orchestrator logs consumer -f
+  orchestrator stop
 
 Exit codes: 0 completed, 1 failed, 2 bad configuration or usage,
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+3 no daemon running, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM or stop).
 """
 
 app = typer.Typer(
@@ -62,6 +93,27 @@ SetOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings.")]
+ExpectOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="FIELD=VALUE",
+        help="Fail (exit 1) unless the report has this value, e.g. "
+        "collected=10000 or lost<=0; repeatable.",
+    ),
+]
+MetricsOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="HOST:PORT",
+        help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464.",
+    ),
+]
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Fail the run (exit 1) if it has not finished after this many seconds."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -126,46 +178,89 @@ def run(
     pipeline: PipelineArg = Path("pipeline.toml"),
     set_: SetOption = None,
     json_output: JsonOption = False,
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            help="Fail the run (exit 1) if it has not finished after this many seconds."
-        ),
-    ] = None,
+    timeout: TimeoutOption = None,
     quiet: QuietOption = False,
+    expect: ExpectOption = None,
+    report_file: Annotated[
+        Path | None,
+        typer.Option("--report", metavar="FILE", help="Also write the JSON report."),
+    ] = None,
+    junit: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="Write a JUnit XML summary for CI."),
+    ] = None,
+    metrics: MetricsOption = None,
 ) -> None:
-    """Run a pipeline in the foreground until it finishes; print the report."""
+    """Run a pipeline in the foreground until it finishes; print the report.
+
+    In a terminal a live display shows progress; piped, a plain line every few
+    seconds; with --json, nothing but the report.
+    """
     setup_logging(quiet or json_output)
+    shown: list[display.LiveDisplay] = []
+
+    def prepare(supervisor: Supervisor, server: control.ControlServer) -> None:
+        if exporter is not None:
+            exporter.attach(supervisor)
+        if json_output or quiet:
+            return
+        if sys.stdout.isatty():
+            live = display.LiveDisplay(supervisor, Console())
+            live.start()
+            shown.append(live)
+        else:
+            display.PlainProgress(supervisor, sys.stdout)
+
     try:
+        expectations = smoke.parse(expect)
         loaded = load_pipeline(pipeline, set_)
-        result = run_pipeline(loaded, timeout)
+        exporter = Metrics(metrics) if metrics else None
+        result = run_pipeline(loaded, timeout, prepare)
     except OrchestratorError as exc:
         raise fail(exc) from exc
+    finally:
+        for live in shown:
+            live.stop()
 
+    mismatches = smoke.check(result, expectations)
+    if expectations:
+        result["expectations"] = {
+            str(e): mismatches.get(str(e), "ok") for e in expectations
+        }
+    if report_file is not None:
+        daemon.write_report(report_file, result)
+    if junit is not None:
+        smoke.write_junit(junit, result, expectations, mismatches)
     if json_output:
         print(json.dumps(result, default=str))
     else:
         report.render(result, Console())
-    raise typer.Exit(final_exit_code(result))
+    code = final_exit_code(result)
+    if result["status"] == "timeout":
+        err_console.print(
+            f"[bold red]error:[/] timeout: the run did not finish within "
+            f"{timeout:g} s; every stage was stopped",
+            highlight=False,
+        )
+    for mismatch in mismatches.values():
+        err_console.print(f"[bold red]error:[/] {mismatch}", highlight=False)
+    raise typer.Exit(code or (EXIT_FAILED if mismatches else 0))
 
 
-def run_pipeline(loaded: config.Pipeline, timeout: float | None) -> dict[str, Any]:
+def run_pipeline(
+    loaded: config.Pipeline,
+    timeout: float | None,
+    prepare: daemon.Prepare | None = None,
+) -> dict[str, Any]:
     """Run ``loaded`` under this process's supervision and return its report."""
     directory = rundir.pipeline_dir(loaded)
     lock = rundir.Lock(directory, loaded.name)
-    lock.acquire()
+    for note in daemon.acquire(lock, directory):
+        log.warning("%s", note)
     try:
-        supervisor = Supervisor(
-            loaded,
-            rundir.fresh_run_dir(directory),
-            directory / "logs",
-            on_output=_echo_output,
+        return daemon.supervise(
+            loaded, directory, timeout, on_output=_echo_output, prepare=prepare
         )
-        supervisor.run(timeout)
-        result = report.build(supervisor)
-        result["signal"] = supervisor.signal_received
-        (directory / "report.json").write_text(json.dumps(result, default=str))
-        return result
     finally:
         lock.release()
 
@@ -174,6 +269,375 @@ def final_exit_code(result: dict[str, Any]) -> int:
     if result["status"] == "interrupted":
         return EXIT_SIGTERM if result.get("signal") == signal.SIGTERM else EXIT_SIGINT
     return report.exit_code(result)
+
+
+# -- the daemon and its control commands ---------------------------------------
+
+PipelineOption = Annotated[
+    Path,
+    typer.Option("--pipeline", "-p", help="The pipeline file.", show_default=True),
+]
+# How often scale and restart look whether their replicas are ready yet.
+CONTROL_POLL_S = 0.05
+
+
+def _locate(
+    pipeline: Path, overrides: list[str] | None
+) -> tuple[config.Pipeline, Path]:
+    """The pipeline and its runtime directory (stage calls are not imported)."""
+    loaded = config.load(pipeline, tuple(overrides or ()))
+    return loaded, rundir.pipeline_dir(loaded)
+
+
+def _client(loaded: config.Pipeline, directory: Path) -> control.ControlClient:
+    return control.ControlClient(directory / "control.sock", loaded.name)
+
+
+@app.command()
+def up(
+    pipeline: PipelineArg = Path("pipeline.toml"),
+    set_: SetOption = None,
+    json_output: JsonOption = False,
+    timeout: TimeoutOption = None,
+    quiet: QuietOption = False,
+    metrics: MetricsOption = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach/--no-detach",
+            help="Run in the background (default) or in the foreground with the "
+            "control socket, e.g. under systemd.",
+        ),
+    ] = True,
+) -> None:
+    """Start a pipeline in the background; return once every stage is ready."""
+    setup_logging(quiet or json_output)
+    try:
+        loaded = load_pipeline(pipeline, set_)
+        exporter = Metrics(metrics) if metrics else None
+        directory = rundir.pipeline_dir(loaded)
+        lock = rundir.Lock(directory, loaded.name)
+        for note in daemon.acquire(lock, directory):
+            log.warning("%s", note)
+
+        def prepare(supervisor: Supervisor, server: control.ControlServer) -> None:
+            if exporter is not None:
+                exporter.attach(supervisor)
+
+        if not detach:
+            try:
+                result = daemon.supervise(
+                    loaded, directory, timeout, on_output=_echo_output, prepare=prepare
+                )
+            finally:
+                lock.release()
+            report.render(result, Console())
+            raise typer.Exit(final_exit_code(result))
+        started = time.monotonic()
+        answer = daemon.start(loaded, directory, lock, timeout, prepare)
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+
+    info = {
+        "pipeline": loaded.name,
+        "supervisor_pid": answer["pid"],
+        "replicas": sum(stage.replicas for stage in loaded.stages),
+        "ready_s": round(time.monotonic() - started, 3),
+        "runtime_dir": str(directory),
+    }
+    if json_output:
+        print(json.dumps(info))
+        return
+    print(
+        f"pipeline {loaded.name} is up: {info['replicas']} replicas ready in "
+        f"{info['ready_s']:.2f} s, supervisor pid {info['supervisor_pid']}"
+    )
+    print(f"runtime directory: {directory}")
+
+
+@app.command()
+def status(
+    pipeline: PipelineArg = Path("pipeline.toml"),
+    set_: SetOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show every replica; exit 0 only if every stage is up (3: no daemon)."""
+    try:
+        loaded, directory = _locate(pipeline, set_)
+        with _client(loaded, directory) as client:
+            result = client.request({"cmd": "status"})["report"]
+    except NotRunning as exc:
+        last = directory / "report.json"
+        last_run = json.loads(last.read_text()) if last.exists() else None
+        if json_output:
+            print(
+                json.dumps(
+                    {
+                        "pipeline": loaded.name,
+                        "status": "not running",
+                        "last_run": last_run,
+                    }
+                )
+            )
+        if last_run is not None and not json_output:
+            err_console.print(
+                f"last run: {last_run['status']} (report: {last})", highlight=False
+            )
+        raise fail(exc) from exc
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+
+    if json_output:
+        print(json.dumps(result, default=str))
+    else:
+        # Piped, rich would assume 80 columns and cut the table's cells.
+        width = None if sys.stdout.isatty() else 120
+        display.render_status(result, Console(width=width))
+    raise typer.Exit(0 if control.all_up(result) else EXIT_FAILED)
+
+
+@app.command()
+def logs(
+    which: Annotated[
+        str | None,
+        typer.Argument(metavar="[STAGE[.N]]", help="One stage, or one replica."),
+    ] = None,
+    pipeline: PipelineOption = Path("pipeline.toml"),
+    set_: SetOption = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    lines: Annotated[
+        int | None, typer.Option("--lines", "-n", help="Only the last N lines.")
+    ] = None,
+) -> None:
+    """The replicas' output, merged in time order: `time stage.N | line`."""
+    try:
+        loaded, directory = _locate(pipeline, set_)
+        files = logfiles.check_selection(directory / "logs", which)
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+    console = Console(highlight=False, soft_wrap=True)
+    names = sorted({f.stem for f in logfiles.select(directory / "logs", None)})
+    palette = ["cyan", "magenta", "green", "yellow", "blue", "red"]
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+    def emit(line: logfiles.Line) -> None:
+        colour = colours.get(line.name, "white")
+        console.print(
+            f"[dim]{line.time}[/] [{colour}]{line.name}[/] | ", end="", markup=True
+        )
+        console.print(line.text, markup=False)
+
+    for line in logfiles.read(files, lines):
+        emit(line)
+    if follow:
+        try:
+            logfiles.follow(directory / "logs", which, emit)
+        except KeyboardInterrupt:
+            raise typer.Exit(0) from None
+
+
+def _parse_scale(assignment: str) -> tuple[str, int]:
+    stage, sep, count = assignment.partition("=")
+    if not sep or not stage or not count.isdigit() or int(count) < 1:
+        raise UsageError(f"scale {assignment!r}: expected STAGE=N with N >= 1")
+    return stage, int(count)
+
+
+def _poll_status(
+    client: control.ControlClient,
+    done: Any,
+    budget: float,
+) -> dict[str, Any] | None:
+    """Ask for the status until ``done(status)``; None after ``budget`` s."""
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        result = client.request({"cmd": "status"})["report"]
+        if done(result):
+            return dict(result)
+        time.sleep(CONTROL_POLL_S)
+    return None
+
+
+@app.command()
+def scale(
+    assignment: Annotated[str, typer.Argument(metavar="STAGE=N")],
+    pipeline: PipelineOption = Path("pipeline.toml"),
+    set_: SetOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Change a worker stage's replica count live; return once they are ready."""
+    try:
+        stage, count = _parse_scale(assignment)
+        loaded, directory = _locate(pipeline, set_)
+        with _client(loaded, directory) as client:
+            answer = client.request({"cmd": "scale", "stage": stage, "replicas": count})
+
+            def settled(result: dict[str, Any]) -> bool:
+                mine = [w for w in result["workers"] if w["stage"] == stage]
+                return len(mine) == count and all(w["state"] == "ready" for w in mine)
+
+            budget = loaded.ready_timeout + loaded.grace_period + 5
+            result = _poll_status(client, settled, budget)
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+    summary = {
+        "stage": stage,
+        "before": answer["before"],
+        "after": count,
+        "settled": result is not None,
+    }
+    if json_output:
+        print(json.dumps(summary))
+    elif result is None:
+        err_console.print(
+            f"[bold red]error:[/] {stage}: asked for {count} replicas, not all "
+            f"ready after {budget:g} s; see `orchestrator status`",
+            highlight=False,
+        )
+    else:
+        pids = [w["pid"] for w in result["workers"] if w["stage"] == stage]
+        print(
+            f"{stage}: {answer['before']} -> {count} replicas, all ready "
+            f"(pids {', '.join(map(str, pids))})"
+        )
+    raise typer.Exit(0 if result is not None else EXIT_FAILED)
+
+
+@app.command()
+def restart(
+    target: Annotated[str, typer.Argument(metavar="STAGE[.N]")],
+    pipeline: PipelineOption = Path("pipeline.toml"),
+    set_: SetOption = None,
+) -> None:
+    """Restart a stage's replicas (or one), gracefully; return once ready."""
+    stage, _, index = target.partition(".")
+    try:
+        if index and not index.isdigit():
+            raise UsageError(f"restart {target!r}: expected STAGE or STAGE.N")
+        loaded, directory = _locate(pipeline, set_)
+        with _client(loaded, directory) as client:
+            answer = client.request(
+                {
+                    "cmd": "restart",
+                    "stage": stage,
+                    "replica": int(index) if index else None,
+                }
+            )
+            old = answer["replicas"]
+
+            def restarted(result: dict[str, Any]) -> bool:
+                now = {f"{w['stage']}.{w['replica']}": w for w in result["workers"]}
+                return all(
+                    name in now
+                    and now[name]["pid"] not in (None, pid)
+                    and now[name]["state"] == "ready"
+                    for name, pid in old.items()
+                )
+
+            budget = loaded.ready_timeout + loaded.grace_period + 5
+            result = _poll_status(client, restarted, budget)
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+    if result is None:
+        err_console.print(
+            f"[bold red]error:[/] {target}: not ready again after "
+            f"{budget:g} s; see `orchestrator status`",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)
+    print(f"restarted {', '.join(old)}")
+
+
+@app.command()
+def stop(
+    pipeline: PipelineArg = Path("pipeline.toml"),
+    set_: SetOption = None,
+    json_output: JsonOption = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Grace period per stage group before SIGKILL "
+            "(default: the pipeline's grace_period)."
+        ),
+    ] = None,
+) -> None:
+    """Stop the daemon gracefully (sources first), then kill what lingers."""
+    try:
+        loaded, directory = _locate(pipeline, set_)
+        with _client(loaded, directory) as client:
+            pid = client.request({"cmd": "stop", "timeout": timeout})["pid"]
+            client.send({"cmd": "wait"})
+            grace = loaded.grace_period if timeout is None else timeout
+            budget = grace * len(topology.start_order(loaded)) + 5
+            try:
+                final = client.receive(timeout=budget)
+            except TimeoutError:
+                final = None
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+    if final is None:
+        # It did not stop in time: the stages die with it (PR_SET_PDEATHSIG).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        err_console.print(
+            f"supervisor pid {pid} did not stop within {budget:g} s: killed it",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)
+    result = final["report"]
+    if json_output:
+        print(json.dumps(result, default=str))
+    else:
+        print(
+            f"stopped pipeline {loaded.name} (supervisor pid {pid}): "
+            f"produced {result['produced']}, collected {result['collected']}"
+        )
+
+
+@app.command()
+def wait(
+    pipeline: PipelineArg = Path("pipeline.toml"),
+    set_: SetOption = None,
+    json_output: JsonOption = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up (exit 1) after this many seconds.")
+    ] = None,
+) -> None:
+    """Block until the run finishes; exit with the run's exit code."""
+    try:
+        loaded, directory = _locate(pipeline, set_)
+        with _client(loaded, directory) as client:
+            pid = client.request({"cmd": "status"})["report"]["supervisor_pid"]
+            client.send({"cmd": "wait"})
+            try:
+                final = client.receive(timeout=timeout)
+            except TimeoutError:
+                err_console.print(
+                    f"[bold red]error:[/] still running after {timeout:g} s",
+                    highlight=False,
+                )
+                raise typer.Exit(EXIT_FAILED) from None
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+    if final is not None:
+        result = final["report"]
+    else:  # it hung up without a word: killed, or it ended as we asked
+        last = directory / "report.json"
+        result = json.loads(last.read_text()) if last.exists() else {}
+        if result.get("supervisor_pid") != pid:
+            err_console.print(
+                f"[bold red]error:[/] supervisor pid {pid} ended "
+                "without a report (killed?)",
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_FAILED)
+    if json_output:
+        print(json.dumps(result, default=str))
+    else:
+        report.render(result, Console())
+    raise typer.Exit(final_exit_code(result))
 
 
 def main() -> None:

@@ -93,3 +93,29 @@ class EndpointInUse(OrchestratorError):
         self.holder = holder
         detail = f" (held by {holder})" if holder else ""
         super().__init__(f"endpoint {endpoint} is already in use{detail}")
+
+
+EXIT_NOT_RUNNING = 3  # like LSB's "program is not running", for `status`
+
+
+class NotRunning(OrchestratorError):
+    """No daemon answers on this pipeline's control socket."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+    def __init__(self, pipeline: str, socket_path: str) -> None:
+        self.pipeline = pipeline
+        self.socket_path = socket_path
+        super().__init__(
+            f"no daemon is running pipeline {pipeline!r} (nothing answers on "
+            f"{socket_path}); start it with `orchestrator up`"
+        )
+
+
+class ControlRefused(OrchestratorError):
+    """The daemon rejected a control request, or answered nonsense."""
+
+    def __init__(self, request: str, reason: str) -> None:
+        self.request = request
+        self.reason = reason
+        super().__init__(f"{request}: {reason}")

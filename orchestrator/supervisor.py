@@ -83,6 +83,9 @@ class Replica:
     exit_code: int | None = None
     stop_requested: bool = False
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    # What a stop we asked for leads to: None (stay stopped), "restart"
+    # (orchestrator restart) or "retire" (orchestrator scale, going down).
+    after_stop: str | None = None
     partial: bytes = b""
     restart_at: float | None = None
     pending_reason: str | None = None
@@ -461,6 +464,8 @@ class Supervisor:
         elif busy:
             blame = {"src": src, "key": key}
         if blame is not None:
+            if replica.after_stop is not None:
+                self._after_requested_stop(replica, busy, src, key)
             blame["reason"] = replica.exit
             blame["detail"] = error.get("traceback") or "\n".join(replica.tail)
         for source in self.sources:
@@ -636,6 +641,58 @@ class Supervisor:
             return all(r.counters.get("done") for r in self.sources)
         if self.counted() >= self.produced():
             return True
+    # -- live changes: orchestrator scale and restart ------------------------
+
+    def live_replicas(self, stage: Stage) -> list[Replica]:
+        """The replicas of ``stage`` that are not on their way out."""
+        return [
+            r for r in self.replicas if r.stage is stage and r.after_stop != "retire"
+        ]
+
+    def add_replica(self, stage: Stage) -> Replica:
+        """Spawn one more replica of ``stage`` while the pipeline runs.
+
+        Sources wait for their peers only at start; a new worker connects and
+        a PUSH socket deals to it from its handshake on.
+        """
+        same = [i for i, r in enumerate(self.replicas) if r.stage is stage]
+        index = 1 + max(self.replicas[i].index for i in same)
+        replica = Replica(stage, index, self._log_handler(stage, index))
+        self.replicas.insert(same[-1] + 1, replica)
+        self._spawn(replica)
+        log.info("%s pid %s added", replica.name, replica.pid)
+        return replica
+
+    def stop_replica(self, replica: Replica, then: str | None) -> None:
+        """Stop one replica gracefully, then restart it or retire it."""
+        replica.after_stop = then
+        if replica.pid is None:  # waiting for a restart after a crash
+            replica.restart_at = None
+            self._after_requested_stop(replica, 0, 0, 0)
+            return
+        replica.stop_requested = True
+        replica.state = "stopping"
+        self._signal(replica, signal.SIGTERM)
+
+    def _after_requested_stop(
+        self, replica: Replica, busy: int, src: int, key: int
+    ) -> None:
+        then, replica.after_stop = replica.after_stop, None
+        if self.status != "running":
+            return
+        # What was queued for a stopped worker or sink went with it; with
+        # exactly-once delivery the sources send it again (nothing is lost).
+        if replica.stage.role != "source":
+            self._redeliver(replica, busy, src, key)
+        if then == "restart":
+            replica.state = "restarting"
+            replica.pending_reason = "requested"
+            replica.restart_at = self.clock()
+        elif then == "retire":
+            self.replicas.remove(replica)
+            replica.log_handler.close()
+            log.info("%s retired", replica.name)
+
         return self.clock() - self.last_progress > SETTLE_S
 
     def _lost(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -9,9 +11,21 @@ from typing import Any
 from orchestrator import StageContext
 
 
-def produce(ctx: StageContext, messages: int = 20_000) -> Iterator[dict[str, int]]:
-    """Yield ``{"num": n}`` for n = 0 .. messages-1."""
-    for num in range(messages):
+def produce(
+    ctx: StageContext, messages: int = 20_000, rate: float = 0.0
+) -> Iterator[dict[str, int]]:
+    """Yield ``{"num": n}`` for n = 0 .. messages-1; ``messages = 0`` never ends.
+
+    With ``rate`` (messages per second) the stream is paced to that rate,
+    which makes an endless pipeline something one can watch and scale.
+    """
+    numbers = itertools.count() if messages == 0 else range(messages)
+    started = time.monotonic()
+    for num in numbers:
+        if rate:
+            ahead = started + num / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
         yield {"num": num}
 
 
