@@ -174,6 +174,27 @@ def check(
 
 
 @app.command()
+def init(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write the new pipeline.")
+    ] = Path("."),
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite files that exist.")
+    ] = False,
+) -> None:
+    """Write a new pipeline (pipeline.toml and a stage module) that runs as it is."""
+    from . import scaffold
+
+    try:
+        written = scaffold.init(directory, force)
+    except OrchestratorError as exc:
+        raise fail(exc) from exc
+    for path in written:
+        print(f"wrote {path}")
+    print(f"next: orchestrator run {directory / 'pipeline.toml'}")
+
+
+@app.command()
 def run(
     pipeline: PipelineArg = Path("pipeline.toml"),
     set_: SetOption = None,

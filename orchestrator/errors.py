@@ -85,6 +85,19 @@ class StageFailed(OrchestratorError):
         super().__init__(message)
 
 
+class WouldOverwrite(OrchestratorError):
+    """`orchestrator init` would replace files that exist; nothing was written."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, paths: Iterable[object]) -> None:
+        self.paths = [str(path) for path in paths]
+        verb = "exists" if len(self.paths) == 1 else "exist"
+        super().__init__(
+            f"{', '.join(self.paths)} already {verb}; use --force to overwrite"
+        )
+
+
 class EndpointInUse(OrchestratorError):
     """A stage could not bind its endpoint because something else holds it."""
 
