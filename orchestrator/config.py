@@ -22,7 +22,7 @@ KeyPath = tuple[str, ...]
 DELIVERY_MODES = ("exactly-once", "at-most-once")
 RESTART_POLICIES = ("on-failure", "always", "never")
 CODECS = ("msgpack", "json")
-BACKENDS = ("local",)
+BACKENDS = ("local", "ray")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -54,6 +54,15 @@ class Socket:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where the ray backend puts a stage's replicas (ignored when local)."""
+
+    node: str | None = None  # the address of one Ray node
+    resource: str | None = None  # a custom resource some nodes offer
+    spread: bool = False  # one replica per node, round the nodes
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     call: str | None
@@ -71,6 +80,7 @@ class Stage:
     heartbeat_timeout: float
     max_rss: int | None
     max_cpu: float | None
+    placement: Placement | None = None  # where the ray backend runs it
 
     @property
     def role(self) -> str:
@@ -98,6 +108,8 @@ class Pipeline:
     redelivery_timeout: float = 10.0
     max_attempts: int = 3
     overrides: tuple[str, ...] = field(default=())
+    ray_address: str = "auto"
+    curve: bool = False
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -229,6 +241,8 @@ _PIPELINE_KEYS = {
     "heartbeat_interval",
     "redelivery_timeout",
     "max_attempts",
+    "ray_address",
+    "curve",
 }
 _STAGE_KEYS = {
     "call",
@@ -246,6 +260,7 @@ _STAGE_KEYS = {
     "heartbeat_timeout",
     "max_rss",
     "max_cpu",
+    "placement",
 }
 
 
@@ -267,6 +282,13 @@ def load(
     pipeline = _pipeline(check, top, source, tuple(overrides))
     if not check.problems:
         check.problems.extend(topology.validate(pipeline, source))
+    if not check.problems and pipeline.backend == "ray":
+        check.problems.extend(_ray_problems(pipeline, source))
+    elif pipeline.curve and pipeline.backend != "ray":
+        check.fail(
+            ("pipeline", "curve"),
+            'CURVE secures traffic between hosts: it needs backend = "ray"',
+        )
     if not check.problems and resolve is not None:
         check.problems.extend(resolve(pipeline, source))
     if check.problems:
@@ -321,6 +343,8 @@ def _pipeline(
         ),
         max_attempts=check.integer(table, at("max_attempts"), 3, minimum=1),
         overrides=overrides,
+        ray_address=check.string(table, at("ray_address")) or "auto",
+        curve=_flag(check, table, at("curve")),
     )
 
 
@@ -393,6 +417,7 @@ def _stage(check: _Checker, name: str, value: Any) -> Stage | None:
         ),
         max_rss=max_rss,
         max_cpu=max_cpu,
+        placement=_placement(check, table.get("placement"), at("placement")),
     )
 
 
@@ -443,3 +468,57 @@ def _endpoint_hint(value: Any) -> str:
         f'expected an endpoint such as "tcp://127.0.0.1:5557" or '
         f'"ipc:///tmp/name", got {_describe(value)}'
     )
+
+
+def _flag(check: _Checker, table: dict[str, Any], path: KeyPath) -> bool:
+    value = table.get(path[-1], False)
+    if not isinstance(value, bool):
+        check.fail(path, f"expected true or false, got {_describe(value)}")
+        return False
+    return value
+
+
+def _placement(check: _Checker, value: Any, path: KeyPath) -> Placement | None:
+    if value is None:
+        return None
+    table = check.table(value, path, {"node", "resource", "spread"})
+    if not isinstance(value, dict):
+        return None
+    placement = Placement(
+        node=check.string(table, path + ("node",)),
+        resource=check.string(table, path + ("resource",)),
+        spread=_flag(check, table, path + ("spread",)),
+    )
+    if placement.node and (placement.resource or placement.spread):
+        check.fail(
+            path, '"node" pins a stage: it goes with neither "resource" nor "spread"'
+        )
+    return placement
+
+
+def _ray_problems(pipeline: Pipeline, source: tomlfile.PipelineSource) -> list[Problem]:
+    """What the ray backend cannot run: data must cross hosts over TCP."""
+    problems = []
+    for stage in pipeline.stages:
+        base: KeyPath = ("stages", stage.name)
+        if stage.command is not None:
+            # exec would replace the Ray worker process the replica runs in.
+            problems.append(
+                source.problem(
+                    base + ("command",), 'the ray backend runs "call" stages only'
+                )
+            )
+        for side in ("pull", "push"):
+            socket = getattr(stage, side)
+            for endpoint in socket.endpoints if socket else ():
+                found = _ENDPOINT.match(endpoint)
+                if not found or not found["port"] or found["port"] == "*":
+                    key = "bind" if socket.bind else "connect"
+                    problems.append(
+                        source.problem(
+                            base + (side, key),
+                            f"the ray backend needs tcp:// endpoints with a port, "
+                            f"got {_describe(endpoint)}",
+                        )
+                    )
+    return problems

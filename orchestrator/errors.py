@@ -60,6 +60,15 @@ class UsageError(OrchestratorError):
     exit_code = EXIT_USAGE
 
 
+class ClusterError(OrchestratorError):
+    """The ray backend cannot use the cluster: unreachable, refused, no room."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"Ray cluster {address}: {reason}")
+
+
 class AlreadyRunning(OrchestratorError):
     """Another supervisor holds this pipeline's runtime directory."""
 

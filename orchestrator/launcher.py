@@ -15,8 +15,13 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from .runtime import ReplicaSpec, run_replica
+
+if TYPE_CHECKING:
+    from .config import Pipeline
 
 _PR_SET_PDEATHSIG = 1
 
@@ -131,3 +136,56 @@ def _exec_command(spec: ReplicaSpec) -> None:  # pragma: no cover - replaced by 
     except OSError as exc:
         print(f"cannot run {spec.stage.command[0]!r}: {exc.strerror}", flush=True)
         os._exit(127)
+
+
+class Launcher(Protocol):
+    """How the supervisor starts, signals and reaps replicas.
+
+    ``spawn`` returns an id the supervisor treats as a pid and the read end
+    of the replica's output; ``reap`` returns ``(pid, wait status)`` of
+    replicas that ended, after a SIGCHLD woke the supervisor.
+    """
+
+    def spawn(self, spec: ReplicaSpec, supervisor_pid: int) -> tuple[int, int]: ...
+
+    def signal(self, pid: int, signum: int) -> None: ...
+
+    def reap(self) -> list[tuple[int, int]]: ...
+
+    def close(self) -> None: ...
+
+
+class ForkLauncher:
+    """Replicas as forked children of the supervisor (the local backend)."""
+
+    def spawn(self, spec: ReplicaSpec, supervisor_pid: int) -> tuple[int, int]:
+        return spawn(spec, supervisor_pid)
+
+    def signal(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:  # already dead; SIGCHLD will tell us
+            pass
+
+    def reap(self) -> list[tuple[int, int]]:
+        ended: list[tuple[int, int]] = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return ended
+            if pid == 0:
+                return ended
+            ended.append((pid, status))
+
+    def close(self) -> None:
+        pass
+
+
+def for_pipeline(pipeline: Pipeline, run_dir: Path) -> Launcher:
+    """The launcher of the pipeline's backend; only "ray" imports Ray."""
+    if pipeline.backend == "ray":
+        from .raybackend import RayLauncher
+
+        return RayLauncher(pipeline, run_dir)
+    return ForkLauncher()

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from .channel import Channel
 from .codec import Codec
 from .config import Pipeline, Stage
+from .curve import REFUSED_EVENTS, Curve, authenticator, secure
 from .health import endpoint_holder
 from .ledger import Batch, Ledger, SeqSet, Window
 from .stagefn import StageContext, resolve
@@ -83,6 +85,7 @@ class ReplicaSpec:
     ack_endpoint: str | None  # the sink's acknowledgement endpoint
     expected_peers: int
     epoch: int  # how many times this replica was started before
+    curve: Curve | None = None  # CURVE keys, when data crosses hosts (ray)
 
 
 def ack_identity(src: int) -> bytes:
@@ -154,6 +157,7 @@ class Runtime:
         self.pull: zmq.Socket[bytes] | None = None
         self.push: zmq.Socket[bytes] | None = None
         self.acks: zmq.Socket[bytes] | None = None
+        self.auth: ThreadAuthenticator | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -173,6 +177,8 @@ class Runtime:
 
     def _attach(self, sock: zmq.Socket[bytes], side: str) -> None:
         spec = getattr(self.stage, side)
+        if self.spec.curve is not None:
+            secure(sock, self.spec.curve, server=bool(spec.bind))
         if spec.bind:
             try:
                 sock.bind(spec.bind)
@@ -203,6 +209,8 @@ class Runtime:
         signal.set_wakeup_fd(self._wake_w)
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.poller.register(self.channel.fileno(), zmq.POLLIN)
+        if self.spec.curve is not None and self.spec.curve.server_secret:
+            self.auth = authenticator(self.ctx, self.spec.curve)
 
         monitor = None
         if self.stage.pull is not None:
@@ -210,9 +218,10 @@ class Runtime:
         if self.stage.push is not None:
             self.push = self._socket(zmq.PUSH)
             # The monitor must exist before bind/connect or it misses events.
-            monitor = self.push.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-            )
+            events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            if self.spec.curve is not None and not self.stage.push.bind:
+                events |= REFUSED_EVENTS  # a server refused our keys: say so
+            monitor = self.push.get_monitor_socket(events)
         if self.pull is not None:
             self._attach(self.pull, "pull")
             self.poller.register(self.pull, zmq.POLLIN)
@@ -223,12 +232,16 @@ class Runtime:
         if self.exactly_once and self.stage.role == "sink":
             assert self.spec.ack_endpoint is not None
             self.acks = self._socket(zmq.ROUTER)
+            if self.spec.curve is not None:
+                secure(self.acks, self.spec.curve, server=True)
             self._bind_ack(self.acks, self.spec.ack_endpoint)
             self.poller.register(self.acks, zmq.POLLIN)
         elif self.exactly_once and self.stage.role == "source":
             assert self.spec.ack_endpoint is not None
             self.acks = self._socket(zmq.DEALER)
             self.acks.identity = ack_identity(self.spec.src_id)
+            if self.spec.curve is not None:
+                secure(self.acks, self.spec.curve, server=False)
             self.acks.connect(self.spec.ack_endpoint)
             self.poller.register(self.acks, zmq.POLLIN)
 
@@ -255,6 +268,12 @@ class Runtime:
                 event = recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     peers += 1
+                elif event["event"] & REFUSED_EVENTS:
+                    self._fatal(
+                        "curve",
+                        f"{event['endpoint'].decode()} refused this stage's "
+                        "CURVE keys (the handshake failed)",
+                    )
                 else:
                     peers = max(0, peers - 1)
             self._service(0)
@@ -348,6 +367,8 @@ class Runtime:
     def close(self) -> None:
         for sock in self.sockets:
             sock.close(linger=LINGER_MS)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 

@@ -10,7 +10,6 @@ are noticed through SIGCHLD and reaped with ``waitpid``, never polled for.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import os
@@ -29,7 +28,7 @@ from . import command, topology
 from .channel import Channel
 from .config import Pipeline, Stage
 from .health import HealthMonitor
-from .launcher import spawn
+from .launcher import Launcher, for_pipeline
 from .runtime import EXIT_SETUP, SLOT, ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -131,6 +130,7 @@ class Supervisor:
         logs_dir: Path,
         on_output: Callable[[Replica, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        launcher: Launcher | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.run_dir = run_dir
@@ -162,6 +162,8 @@ class Supervisor:
         self._old_handlers: dict[int, Any] = {}
         self.hooks: list[Callable[[], None]] = []  # called on every loop turn
         self.health = HealthMonitor(pipeline.health_interval, clock=clock)
+        # Forked children locally; Ray actors, on a cluster, with "ray".
+        self.launcher = launcher or for_pipeline(pipeline, run_dir)
 
     def _log_handler(self, stage: Stage, index: int) -> logging.Handler:
         handler = RotatingFileHandler(
@@ -193,6 +195,7 @@ class Supervisor:
         finally:
             self.finished_at = self.clock()
             self._stop_all()
+            self.launcher.close()
             self._restore_signals()
             # Heartbeats lag; the counts each stage sent as it stopped do not.
             if self.status == "completed" and self._lost():
@@ -373,7 +376,7 @@ class Supervisor:
             expected_peers=topology.expected_peers(self.pipeline, replica.stage),
             epoch=replica.epoch,
         )
-        pid, output = spawn(spec, os.getpid())
+        pid, output = self.launcher.spawn(spec, os.getpid())
         child_end.close()
         os.set_blocking(output, False)
         replica.pid, replica.channel, replica.output = pid, parent_end, output
@@ -401,13 +404,7 @@ class Supervisor:
         return f"ipc://{self.run_dir}/ack.sock"
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in self.launcher.reap():
             replica = self.by_pid.pop(pid, None)
             self.health.forget(pid)
             if replica is not None:
@@ -604,13 +601,7 @@ class Supervisor:
     def _signal(self, replica: Replica, signum: int) -> None:
         if replica.pid is None:
             return
-        try:
-            os.kill(replica.pid, signum)
-        except ProcessLookupError:  # already dead; SIGCHLD will tell us
-            pass
-        except OSError as exc:  # pragma: no cover
-            if exc.errno != errno.ESRCH:
-                raise
+        self.launcher.signal(replica.pid, signum)
 
     def _fail(self, reason: str, replica: Replica | None = None) -> None:
         if self.status == "failed":

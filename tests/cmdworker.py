@@ -7,6 +7,8 @@ so delivery accounting keeps working.
 """
 
 import os
+import socket
+import struct
 import sys
 
 import msgspec
@@ -18,7 +20,25 @@ if env["ORCHESTRATOR_CODEC"] == "json":
 else:
     encode, decode = msgspec.msgpack.encode, msgspec.msgpack.decode
 via = f"{env['ORCHESTRATOR_STAGE']}.{env['ORCHESTRATOR_REPLICA']}"
-factor = int(msgspec.json.decode(env["ORCHESTRATOR_PARAMS"]).get("factor", 2))
+params = msgspec.json.decode(env["ORCHESTRATOR_PARAMS"])
+factor = int(params.get("factor", 2))
+# die_after: replica 0's first incarnation exits abruptly after that many frames.
+die_after = int(params.get("die_after", -1))
+died_once = os.path.join(env["ORCHESTRATOR_RUN_DIR"], f"died-{via}")
+if env["ORCHESTRATOR_REPLICA"] != "0" or os.path.exists(died_once):
+    die_after = -1
+# heartbeat: speak the optional control protocol (counters on each frame).
+control = None
+if params.get("heartbeat"):
+    control = socket.socket(fileno=int(env["ORCHESTRATOR_CONTROL_FD"]))
+    control.setblocking(True)
+counters = {"received": 0, "emitted": 0}
+
+
+def tell(message):
+    payload = msgspec.msgpack.encode(message)
+    control.sendall(struct.pack("!I", len(payload)) + payload)
+
 
 ctx = zmq.Context()
 pull = ctx.socket(zmq.PULL)
@@ -37,11 +57,22 @@ def double(record):
     return {"num": record["num"] * factor}
 
 
+if control is not None:
+    tell({"t": "ready"})
+frames = 0
 while True:
     src, key, seq, _via, flat, items = decode(pull.recv())
+    if frames == die_after:
+        open(died_once, "w").close()
+        os._exit(9)
+    frames += 1
     if flat:
         out = [[double(record)] for record in items]
     else:
         out = [[double(record) for record in unit] for unit in items]
     push.send(encode([src, key, seq, via, False, out]))
+    if control is not None:
+        counters["received"] += len(items)
+        counters["emitted"] += sum(len(unit) for unit in out)
+        tell({"t": "hb", "c": counters})
     sys.stdout.flush()

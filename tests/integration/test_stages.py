@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,25 +178,28 @@ pull = {{ bind = "{e("results")}" }}
     assert report["produced"] == 7000 and report["lost"] == 0
 
 
-def test_command_stage_runs_between_function_stages(ws: Workspace) -> None:
-    """A program using pyzmq directly, told everything by environment variables."""
+def _command_pipeline(
+    ws: Workspace, params: str = "", messages: int = 20_000, pipeline_extra: str = ""
+) -> Path:
+    """numbers -> a pyzmq program (x2) -> keep_even -> count."""
     shutil.copy(HERE / "cmdworker.py", ws.path / "cmdworker.py")
     e = ws.endpoint
-    path = ws.write(f"""
+    return ws.write(f"""
 [pipeline]
 name = "cmd"
+{pipeline_extra}
 
 [stages.producer]
 call = "teststages:numbers"
 push = {{ bind = "{e("work")}" }}
-params = {{ messages = 20000 }}
+params = {{ messages = {messages} }}
 
 [stages.doubler]
 command = ["{sys.executable}", "cmdworker.py"]
 replicas = 2
 pull = {{ connect = "{e("work")}" }}
 push = {{ connect = "{e("doubled")}" }}
-params = {{ factor = 2 }}
+params = {{ factor = 2 {params} }}
 
 [stages.consumer]
 call = "teststages:keep_even"
@@ -204,10 +210,23 @@ push = {{ connect = "{e("results")}" }}
 call = "teststages:count"
 pull = {{ bind = "{e("results")}" }}
 """)
-    result = ws.cli("run", "--json", str(path))
-    import json
 
-    report = json.loads(result.stdout)
+
+def _run(
+    ws: Workspace, path: Path
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    result = ws.cli("run", "--json", str(path))
+    try:
+        return result, json.loads(result.stdout)
+    except ValueError as exc:
+        raise AssertionError(
+            f"no report (exit {result.returncode}):\n{result.stderr}"
+        ) from exc
+
+
+def test_command_stage_runs_between_function_stages(ws: Workspace) -> None:
+    """A program using pyzmq directly, told everything by environment variables."""
+    result, report = _run(ws, _command_pipeline(ws))
 
     assert result.returncode == 0, result.stderr
     assert report["summary"]["results"] == 20_000
@@ -216,6 +235,32 @@ pull = {{ bind = "{e("results")}" }}
     # Both replicas were started with their identity and got ready.
     assert "doubler.0 pid" in result.stderr and "doubler.1 pid" in result.stderr
     assert "doubler.1 | doubler.1 pid" in result.stderr
+    doublers = [w for w in report["workers"] if w["stage"] == "doubler"]
+    assert [w["received"] for w in doublers] == [0, 0]  # it reports no counters
+
+
+def test_command_stage_that_dies_loses_nothing(ws: Workspace) -> None:
+    """Speaking the frame format keeps exactly-once working across its crash."""
+    result, report = _run(ws, _command_pipeline(ws, ", die_after = 3"))
+
+    assert result.returncode == 0, result.stderr
+    doubler0 = next(
+        w for w in report["workers"] if (w["stage"], w["replica"]) == ("doubler", 0)
+    )
+    assert doubler0["restarts"] == 1
+    assert report["redelivered"] > 0
+    assert report["summary"]["results"] == 20_000
+    assert report["summary"]["sum"] == 2 * sum(range(20_000))
+    assert report["lost"] == 0
+
+
+def test_command_stage_may_send_ready_and_heartbeats(ws: Workspace) -> None:
+    result, report = _run(ws, _command_pipeline(ws, ", heartbeat = true"))
+
+    assert result.returncode == 0, result.stderr
+    doublers = [w for w in report["workers"] if w["stage"] == "doubler"]
+    assert sum(w["received"] for w in doublers) == 20_000
+    assert sum(w["emitted"] for w in doublers) == 20_000
 
 
 def test_command_source_is_rejected_with_the_reason(ws: Workspace) -> None:
@@ -263,8 +308,6 @@ def test_exception_in_user_code_names_stage_replica_and_traceback(
     )
     path.write_text(text)
     result = ws.cli("run", "--json", str(path))
-    import json
-
     report = json.loads(result.stdout)
 
     assert result.returncode == 1
