@@ -96,6 +96,8 @@ def _replica_entry(replica: Any, per_via: dict[str, int]) -> dict[str, Any]:
         "restart_reasons": [r["reason"] for r in replica.restarts],
         "exit": replica.exit,
         "error": (replica.error or {}).get("message"),
+        # The last health sample (RSS, CPU %, fds, threads) of its last process.
+        "stats": dict(replica.stats),
     }
 
 

@@ -52,6 +52,8 @@ _NOT_RESTARTABLE = {
     "sink": "with at-most-once delivery what the sink had counted died with "
     "it, so it is not restarted",
 }
+# Reads of a dead replica's output pipe before closing it regardless.
+DRAIN_CHUNKS = 16
 # Rotate a replica's log file at this size, keeping this many old ones.
 LOG_BYTES = 10 * 2**20
 LOG_BACKUPS = 3
@@ -322,6 +324,24 @@ class Supervisor:
             os.close(replica.output)
             replica.output = None
 
+    def _drain_output(self, replica: Replica) -> None:
+        """Read a dead replica's output to its end, then close the pipe.
+
+        The pipe must not outlive the replica: its handler reads
+        ``replica.output``, which the next incarnation replaces, so a pipe
+        left open would leak its fd and wake the loop at EOF forever.  A
+        process the stage started may still hold it open; what that writes
+        later is not read.
+        """
+        for _ in range(DRAIN_CHUNKS):  # a pipe holds 64 KiB, one or two reads
+            if replica.output is None:
+                return
+            self._read_output(replica, final=True)
+        if replica.output is not None:
+            self._forget_fd(replica.output)
+            os.close(replica.output)
+            replica.output = None
+
     def _forget_fd(self, fileobj: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fileobj)
@@ -419,8 +439,7 @@ class Supervisor:
             self._forget_fd(replica.channel)
             replica.channel.close()
             replica.channel = None
-        if replica.output is not None:
-            self._read_output(replica, final=True)
+        self._drain_output(replica)
         code = os.waitstatus_to_exitcode(status)
         replica.exit_code = code
         replica.exit = describe_exit(code)

@@ -98,3 +98,49 @@ def count(records: Iterable[dict[str, Any]], ctx: StageContext) -> dict[str, Any
 def fan_out(record: dict[str, int], ctx: StageContext) -> list[dict[str, int]]:
     """0, 1 or 2 records per input (n % 3 of them)."""
     return [{"num": record["num"], "part": i} for i in range(record["num"] % 3)]
+
+
+_bloating: list[bool] = []  # per process: is this the incarnation that bloats?
+
+
+def bloat_once(record: dict[str, int], ctx: StageContext, per_record: int = 100_000,
+               limit: int = 300 * 2**20) -> dict[str, int] | None:
+    """Hold ``per_record`` more bytes per record, in replica 0's first incarnation.
+
+    The bytes are written (not calloc'ed zero pages), so they count in RSS;
+    ``limit`` caps the growth in case nothing restarts the process.
+    """
+    if ctx.replica == 0:
+        if not _bloating:
+            marker = ctx.run_dir / f"bloated-{ctx.stage}"
+            _bloating.append(not marker.exists())
+            marker.touch()
+        if _bloating[0] and len(_hoard) * per_record < limit:
+            _hoard.append(b"x" * per_record)
+    return keep_even(record, ctx)
+
+
+def exit_at_once_saying(record: Any, ctx: StageContext) -> None:
+    """Exit 1 on the first input, with a last word on stderr."""
+    import sys
+
+    print(f"{ctx.stage}.{ctx.replica}: cannot go on, giving up", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def numbers_then_raise(ctx: StageContext, messages: int = 1000, fail_at: int = 500,
+                       rate: float = 0.0) -> Iterator[dict[str, int]]:
+    """Like ``numbers``, but the generator raises at ``fail_at``, every time."""
+    for record in numbers(ctx, messages, rate):
+        if record["num"] == fail_at:
+            raise RuntimeError(f"source broke at {fail_at}")
+        yield record
+
+
+def chatty(record: dict[str, int], ctx: StageContext, delay: float = 0.0
+           ) -> dict[str, int] | None:
+    """``keep_even`` that writes a line to stderr for every input."""
+    import sys
+
+    print(f"handling {record['num']}", file=sys.stderr)
+    return keep_even(record, ctx, delay)
