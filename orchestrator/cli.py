@@ -626,9 +626,23 @@ def wait(
         float | None, typer.Option(help="Give up (exit 1) after this many seconds.")
     ] = None,
 ) -> None:
-    """Block until the run finishes; exit with the run's exit code."""
+    """Block until the run finishes; exit with the run's exit code.
+
+    With no daemon running, report the last run (like `docker wait` on a
+    container that has exited), or exit 3 if there was none.
+    """
     try:
         loaded, directory = _locate(pipeline, set_)
+        last = directory / "report.json"
+        if not (directory / "control.sock").exists() and last.exists():
+            result = json.loads(last.read_text())
+            err_console.print(
+                f"no daemon running; the last run ended at "
+                f"{result.get('finished_at', '?')}: {result['status']}",
+                highlight=False,
+            )
+            _print_final(result, json_output)
+            raise typer.Exit(final_exit_code(result))
         with _client(loaded, directory) as client:
             pid = client.request({"cmd": "status"})["report"]["supervisor_pid"]
             client.send({"cmd": "wait"})
@@ -645,7 +659,6 @@ def wait(
     if final is not None:
         result = final["report"]
     else:  # it hung up without a word: killed, or it ended as we asked
-        last = directory / "report.json"
         result = json.loads(last.read_text()) if last.exists() else {}
         if result.get("supervisor_pid") != pid:
             err_console.print(
@@ -654,11 +667,15 @@ def wait(
                 highlight=False,
             )
             raise typer.Exit(EXIT_FAILED)
+    _print_final(result, json_output)
+    raise typer.Exit(final_exit_code(result))
+
+
+def _print_final(result: dict[str, Any], json_output: bool) -> None:
     if json_output:
         print(json.dumps(result, default=str))
     else:
         report.render(result, Console())
-    raise typer.Exit(final_exit_code(result))
 
 
 def main() -> None:

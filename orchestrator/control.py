@@ -53,9 +53,11 @@ class _Connection(Channel):
     """One client; like a stage channel, but with a bound on message size."""
 
     too_large = False
+    # The client shut its side: it may still read the answers to what it sent.
+    eof = False
 
     def receive(self) -> list[Message]:
-        while not self.closed:
+        while not self.closed and not self.eof:
             try:
                 chunk = self.sock.recv(65536)
             except BlockingIOError:
@@ -63,7 +65,7 @@ class _Connection(Channel):
             except OSError:
                 chunk = b""
             if not chunk:
-                self.closed = True
+                self.eof = True
                 break
             self._inbox += chunk
         messages = []
@@ -248,7 +250,7 @@ class ControlServer:
             log.warning("control: rejected a request over %d bytes", MAX_REQUEST)
             client.send({"ok": False, "error": "request too large"})
             self._drop(client)
-        elif client.closed:
+        elif client.closed or client.eof:
             self._drop(client)
 
     def _drop(self, client: _Connection) -> None:

@@ -123,6 +123,7 @@ def supervise(
         result = report.build(supervisor)
         result["signal"] = supervisor.signal_received
         result["supervisor_pid"] = os.getpid()
+        result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if server.stop_requested:
             result["stopped_by"] = "orchestrator stop"
         write_report(directory / "report.json", result)

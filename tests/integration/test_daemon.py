@@ -1,0 +1,353 @@
+"""Daemon mode, the control CLI and CI smoke runs, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import urllib.request
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import Workspace, stage_processes, wait_for
+
+# A stream that outlives any test: the tests stop it.
+ENDLESS = 10**9
+
+
+def _paced(path: Path, messages: int, rate: int) -> Path:
+    """Give the test producer of ``path`` a rate (messages per second)."""
+    old, new = f"messages = {messages} ", f"messages = {messages}, rate = {rate} "
+    path.write_text(path.read_text().replace(old, new))
+    return path
+
+
+def _endless(ws: Workspace, rate: int = 2000, **kwargs: Any) -> Path:
+    return _paced(ws.classic(messages=ENDLESS, **kwargs), ENDLESS, rate)
+
+
+def _pidfile(ws: Workspace) -> Path | None:
+    found = sorted((ws.path / "home").glob("*/supervisor.pid"))
+    return found[0] if found else None
+
+
+def _daemon_pid(ws: Workspace) -> int | None:
+    path = _pidfile(ws)
+    try:
+        return int(path.read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _status(ws: Workspace, path: Path) -> tuple[int, dict[str, Any]]:
+    result = ws.cli("status", str(path), "--json", timeout=20)
+    return result.returncode, json.loads(result.stdout)
+
+
+def _consumers(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [w for w in report["workers"] if w["stage"] == "consumer"]
+
+
+@pytest.fixture
+def daemons(ws: Workspace) -> Iterator[list[int]]:
+    """Pids of daemons a test started; whatever is still alive is killed."""
+    started: list[int] = []
+    yield started
+    pid = _daemon_pid(ws)
+    for candidate in {*started, *([pid] if pid else [])}:
+        if _alive(candidate):
+            os.kill(candidate, signal.SIGKILL)
+
+
+def _up(ws: Workspace, path: Path, daemons: list[int], *extra: str) -> int:
+    result = ws.cli("up", str(path), "--json", *extra, timeout=30)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    daemons.append(info["supervisor_pid"])
+    return int(info["supervisor_pid"])
+
+
+def test_up_status_scale_restart_wait_cycle_loses_nothing(
+    ws: Workspace, daemons: list[int]
+) -> None:
+    # Long enough for the commands below (each CLI call takes a moment).
+    path = ws.classic(messages=60_000, pipeline_extra="redelivery_timeout = 3.0")
+    _paced(path, 60_000, 4000)
+    pid = _up(ws, path, daemons)
+
+    code, report = _status(ws, path)
+    assert code == 0, report
+    assert report["status"] == "running"
+    assert report["supervisor_pid"] == pid
+    assert {w["state"] for w in report["workers"]} == {"ready"}
+    for key in ("pid", "uptime_s", "restarts", "last_exit", "rss", "rate"):
+        assert key in report["workers"][0]
+    others = {w["pid"] for w in report["workers"] if w["stage"] != "consumer"}
+
+    scaled = ws.cli("scale", "consumer=4", "-p", str(path), timeout=30)
+    assert scaled.returncode == 0, scaled.stderr
+    assert "consumer: 2 -> 4 replicas, all ready" in scaled.stdout
+
+    def new_ones_busy() -> bool:
+        _, now = _status(ws, path)
+        return len(_consumers(now)) == 4 and all(
+            w["received"] > 0 for w in _consumers(now)
+        )
+
+    wait_for(new_ones_busy, timeout=10, message="consumers 2 and 3 to get work")
+
+    scaled = ws.cli("scale", "consumer=2", "-p", str(path), timeout=30)
+    assert scaled.returncode == 0, scaled.stderr
+    assert "consumer: 4 -> 2 replicas, all ready" in scaled.stdout
+    restarted = ws.cli("restart", "consumer.1", "-p", str(path), timeout=30)
+    assert restarted.returncode == 0, restarted.stderr
+
+    waited = ws.cli("wait", str(path), "--json", timeout=60)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    final = json.loads(waited.stdout)
+    assert final["status"] == "completed"
+    assert final["produced"] == 60_000
+    assert final["collected"] == 30_000
+    assert final["lost"] == 0
+    assert final["summary"]["sum"] == sum(range(0, 60_000, 2))
+    assert set(final["per_consumer"]) == {"0", "1", "2", "3"}
+    assert [w["replica"] for w in _consumers(final)] == [0, 1]
+    assert _consumers(final)[1]["restart_reasons"] == ["requested"]
+    # Scaling and restarting touched nothing else.
+    untouched = [w for w in final["workers"] if w["stage"] != "consumer"]
+    assert {w["pid"] for w in untouched} == others
+    assert all(w["restarts"] == 0 for w in untouched)
+    wait_for(lambda: not _alive(pid), timeout=10, message="the daemon to exit")
+    # The final report stays available.
+    code, after = _status(ws, path)
+    assert code == 3
+    assert after["last_run"]["status"] == "completed"
+
+
+def test_stop_ends_an_endless_pipeline_and_status_says_not_running(
+    ws: Workspace, daemons: list[int]
+) -> None:
+    path = _endless(ws)
+    pid = _up(ws, path, daemons)
+    stages = stage_processes(pid)
+    assert len(stages) == 4
+
+    stopped = ws.cli("stop", str(path), "--timeout", "5", timeout=30)
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped pipeline t (supervisor pid {pid})" in stopped.stdout
+    assert not _alive(pid) or wait_for(lambda: not _alive(pid), timeout=5)
+    assert not any(_alive(p.pid) for p in stages)
+    status = ws.cli("status", str(path), timeout=20)
+    assert status.returncode == 3
+    assert "no daemon is running pipeline 't'" in status.stderr
+    assert "last run: interrupted" in status.stderr
+    logs = ws.cli("logs", "-p", str(path), timeout=20)
+    assert logs.returncode == 0
+    assert "supervisor | " in logs.stdout and "all stages ready" in logs.stdout
+
+
+def test_killed_daemon_leaves_no_stage_and_the_next_up_cleans_its_pidfile(
+    ws: Workspace, daemons: list[int]
+) -> None:
+    path = _endless(ws)
+    pid = _up(ws, path, daemons)
+    stages = stage_processes(pid)
+
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(pid), timeout=5, message="the daemon to die")
+    wait_for(
+        lambda: not any(_alive(p.pid) for p in stages),
+        timeout=5,
+        message="its stages to die",
+    )
+    assert _daemon_pid(ws) == pid  # the pidfile is stale, not gone
+    wait = ws.cli("wait", str(path), timeout=20)
+    assert wait.returncode == 3  # no daemon, and the killed one left no report
+
+    again = ws.cli("up", str(path), timeout=30)
+    assert again.returncode == 0, again.stderr
+    assert f"stale pidfile (supervisor pid {pid} is gone)" in again.stderr
+    new_pid = _daemon_pid(ws)
+    assert new_pid is not None and new_pid != pid
+    daemons.append(new_pid)
+    assert ws.cli("status", str(path), timeout=20).returncode == 0
+    second = ws.cli("up", str(path), timeout=30)
+    assert second.returncode == 1
+    assert f"already running under supervisor pid {new_pid}" in second.stderr
+    assert ws.cli("stop", str(path), timeout=30).returncode == 0
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def _raw(control: Path, data: bytes) -> bytes:
+    """Send raw bytes to the control socket; what came back before it closed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(control))
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        return answer
+
+
+def test_malformed_control_messages_are_rejected_and_logged(
+    ws: Workspace, daemons: list[int]
+) -> None:
+    import msgspec
+
+    path = _endless(ws)
+    _up(ws, path, daemons)
+    control = next((ws.path / "home").glob("*/control.sock"))
+    assert control.stat().st_mode & 0o777 == 0o600
+    assert control.parent.stat().st_mode & 0o777 == 0o700
+
+    _raw(control, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # absurd length prefix
+    _raw(control, os.urandom(64))
+    _raw(control, _frame(b"\xc1\xc1\xc1"))  # not msgpack
+    answer = _raw(control, _frame(msgspec.msgpack.encode([1, 2, 3])))
+    assert b"malformed request" in answer
+    answer = _raw(control, _frame(msgspec.msgpack.encode({"cmd": "rm -rf"})))
+    assert b"unknown command" in answer
+    request = {"cmd": "scale", "stage": "producer", "replicas": "lots"}
+    answer = _raw(control, _frame(msgspec.msgpack.encode(request)))
+    assert b"replicas must be >= 1" in answer
+    bad_scale = ws.cli("scale", "collector=3", "-p", str(path), timeout=20)
+    assert bad_scale.returncode == 1
+    assert "only workers scale" in bad_scale.stderr
+
+    code, report = _status(ws, path)
+    assert code == 0 and report["status"] == "running"
+    log = next((ws.path / "home").glob("*/supervisor.log")).read_text()
+    assert "rejected a request over" in log
+    assert "rejected a malformed request" in log
+    assert ws.cli("stop", str(path), timeout=30).returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_metrics_endpoint_serves_per_stage_counters(
+    ws: Workspace, daemons: list[int]
+) -> None:
+    pytest.importorskip("prometheus_client")
+    path = _endless(ws)
+    port = _free_port()
+    _up(ws, path, daemons, "--metrics", f"127.0.0.1:{port}")
+
+    def scraped() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+        wanted = 'orchestrator_stage_inputs{pipeline="t",stage="consumer"}'
+        line = next((x for x in text.splitlines() if x.startswith(wanted)), "")
+        return text if line and float(line.split()[-1]) > 0 else None
+
+    text = wait_for(scraped, timeout=10, message="consumer inputs in the metrics")
+    assert 'orchestrator_stage_replicas{pipeline="t",stage="consumer",state="ready"}' \
+        ' 2.0' in text
+    assert "orchestrator_stage_rss_bytes" in text
+    assert "orchestrator_stage_restarts" in text
+    assert ws.cli("stop", str(path), timeout=30).returncode == 0
+
+
+def test_expect_mismatch_fails_with_a_message_a_report_and_junit(
+    ws: Workspace,
+) -> None:
+    path = ws.classic(messages=2000)
+    result = ws.cli(
+        "run", str(path), "--quiet", "--expect", "collected=999",
+        "--expect", "lost=0", "--report", "out.json", "--junit", "junit.xml",
+    )
+
+    assert result.returncode == 1
+    assert "expected collected=999, got collected=1000" in result.stderr
+    saved = json.loads((ws.path / "out.json").read_text())
+    assert saved["expectations"] == {
+        "collected=999": "expected collected=999, got collected=1000",
+        "lost=0": "ok",
+    }
+    suite = ET.parse(ws.path / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures")) == ("3", "1")
+    failed = [c.get("name") for c in suite if c.find("failure") is not None]
+    assert failed == ["expect collected=999"]
+
+    ok = ws.cli("run", str(path), "--quiet", "--expect", "collected=1000",
+                "--expect", "lost<=0", "--expect", "status=completed")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_timeout_stops_everything_and_exits_1(ws: Workspace) -> None:
+    path = _endless(ws)
+    result = ws.cli("run", str(path), "--quiet", "--timeout", "1.5", "--junit",
+                    "j.xml", timeout=30)
+
+    assert result.returncode == 1
+    assert "timeout: the run did not finish within 1.5 s" in result.stderr
+    assert "every stage was stopped" in result.stderr
+    suite = ET.parse(ws.path / "j.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("failures") == "1"
+
+
+def test_bad_expect_is_a_usage_error(ws: Workspace) -> None:
+    result = ws.cli("run", str(ws.classic(messages=10)), "--expect", "collected")
+    assert result.returncode == 2
+    assert "use FIELD=VALUE" in result.stderr
+
+
+def test_live_display_in_a_terminal(ws: Workspace) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    path = _paced(ws.classic(messages=6000), 6000, 3000)
+    env = {**ws.env, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    child = pexpect.spawn(
+        sys.executable, ["-m", "orchestrator", "run", str(path)],
+        cwd=str(ws.path), env=env, dimensions=(30, 100), encoding="utf-8",
+        timeout=30,
+    )
+    child.expect("produced [0-9,]+ of 6,000 +processed")
+    child.expect("2/2 ready")
+    child.expect("ETA")
+    child.expect(pexpect.EOF)
+    child.close()
+
+    assert child.exitstatus == 0
+    output = child.before or ""
+    assert "\x1b[" in output  # styled for the terminal
+    assert "collected 3000" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+
+
+def test_plain_progress_when_piped(ws: Workspace) -> None:
+    path = _paced(ws.classic(messages=4000), 4000, 2000)
+    result = ws.cli("run", str(path), timeout=30)
+
+    assert result.returncode == 0, result.stderr
+    assert "\x1b[" not in result.stdout
+    progress = [line for line in result.stdout.splitlines() if " running: " in line]
+    assert progress, result.stdout
+    assert "consumer 2/2 ready" in progress[0]
+
+    quiet = ws.cli("run", str(path), "--json", timeout=30)
+    assert json.loads(quiet.stdout)["status"] == "completed"
