@@ -156,6 +156,18 @@ def status(supervisor: Supervisor, sampler: Sampler) -> dict[str, Any]:
     return result
 
 
+def retired_entry(replica: Replica) -> dict[str, Any]:
+    """A replica removed by `scale`, as it ended."""
+    return {
+        "stage": replica.stage.name,
+        "replica": replica.index,
+        "pid": replica.last_pid,
+        "received": int(replica.total("received") or 0),
+        "emitted": int(replica.total("emitted") or 0),
+        "exit": replica.exit,
+    }
+
+
 def expected_total(supervisor: Supervisor) -> int | None:
     """How many inputs the sources will produce, when they say (``messages``)."""
     total = 0
@@ -187,6 +199,9 @@ class ControlServer:
         self.sampler = Sampler(supervisor)
         self.stop_requested = False
         self.waiters: list[_Connection] = []
+        # Replicas removed by `scale`: gone from the supervisor, not from the
+        # report (their work counts).
+        self.retired: list[Replica] = []
         self.clients: set[_Connection] = set()
         # Replicas we sent SIGTERM for scale/restart: (replica, pid, kill at).
         self._stopping: list[tuple[Replica, int, float]] = []
@@ -320,6 +335,13 @@ class ControlServer:
         stage = self._stage(message, "restart")
         index = message.get("replica")
         self._require_running("restart")
+        if not sup.pipeline.exactly_once and stage.role != "worker":
+            # The supervisor does not restart these either: see _NOT_RESTARTABLE.
+            raise ControlRefused(
+                "restart",
+                f"{stage.name} is a {stage.role}: with at-most-once delivery a "
+                "restart would send inputs twice or lose what was counted",
+            )
         chosen = [
             r for r in sup.live_replicas(stage) if index is None or r.index == index
         ]
@@ -343,6 +365,8 @@ class ControlServer:
             raise ControlRefused(cmd, f"the pipeline is {self.supervisor.status}")
 
     def _stop(self, replica: Replica, then: str) -> None:
+        if then == "retire":
+            self.retired.append(replica)
         pid = replica.pid
         self.supervisor.stop_replica(replica, then)
         if pid is not None:

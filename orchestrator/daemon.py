@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from . import config, report, rundir
-from .control import ControlServer
+from .control import ControlServer, retired_entry
 from .errors import OrchestratorError
 from .supervisor import LOG_BACKUPS, LOG_BYTES, Replica, Supervisor
 
@@ -124,6 +124,7 @@ def supervise(
         result["signal"] = supervisor.signal_received
         result["supervisor_pid"] = os.getpid()
         result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        result["retired"] = [retired_entry(r) for r in server.retired]
         if server.stop_requested:
             result["stopped_by"] = "orchestrator stop"
         write_report(directory / "report.json", result)
@@ -280,7 +281,7 @@ def _daemon_logging(directory: Path) -> None:
         encoding="utf-8",
     )
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

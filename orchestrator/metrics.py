@@ -20,17 +20,8 @@ from .supervisor import Supervisor
 
 # Scrapes come every 15 s or so; updating faster only costs the loop.
 UPDATE_S = 1.0
-STATES = (
-    "pending",
-    "starting",
-    "ready",
-    "backoff",
-    "restarting",
-    "hung",
-    "stopping",
-    "stopped",
-    "exited",
-)
+# Always exported, even at 0, so that an alert on them has a series to watch.
+STATES = ("starting", "ready", "backoff", "stopping", "stopped", "exited")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -86,6 +77,7 @@ class Metrics:
         )
         self._next = 0.0
         self._procs: dict[int, Any] = {}
+        self._states: set[str] = set(STATES)
 
     def start(self) -> None:
         from prometheus_client import start_http_server
@@ -123,9 +115,13 @@ class Metrics:
             self.rss.labels(name, stage.name).set(
                 sum(self._rss(r.pid) for r in members if r.pid is not None)
             )
-            for state in STATES:
+            self._states.update(r.state for r in members)
+            for state in self._states:
                 count = sum(1 for r in members if r.state == state)
                 self.replicas.labels(name, stage.name, state).set(count)
+        alive = {r.pid for r in sup.replicas}
+        for pid in [p for p in self._procs if p not in alive]:
+            del self._procs[pid]
 
     def _rss(self, pid: int) -> int:
         import psutil

@@ -127,6 +127,9 @@ def test_up_status_scale_restart_wait_cycle_loses_nothing(
     assert final["lost"] == 0
     assert final["summary"]["sum"] == sum(range(0, 60_000, 2))
     assert set(final["per_consumer"]) == {"0", "1", "2", "3"}
+    retired = sorted((w["stage"], w["replica"]) for w in final["retired"])
+    assert retired == [("consumer", 2), ("consumer", 3)]
+    assert all(w["received"] > 0 and w["exit"] == "exit 0" for w in final["retired"])
     assert [w["replica"] for w in _consumers(final)] == [0, 1]
     assert _consumers(final)[1]["restart_reasons"] == ["requested"]
     # Scaling and restarting touched nothing else.
