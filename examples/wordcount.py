@@ -27,8 +27,14 @@ WORD = re.compile(r"\w+")
 
 
 def lines(ctx: StageContext, path: str) -> Iterator[str]:
-    """Each line of the file at ``path``; undecodable bytes become U+FFFD."""
-    with open(path, encoding="utf-8", errors="replace") as text:
+    """Each line of the file at ``path`` ("-": standard input), as UTF-8.
+
+    Undecodable bytes become U+FFFD, which is not a word character.
+    """
+    # Standard input cannot be read twice: if this source is restarted, the
+    # lines already read are gone (see "Sources" in docs/stages.md).
+    source: str | int = 0 if path == "-" else path
+    with open(source, encoding="utf-8", errors="replace", closefd=path != "-") as text:
         yield from text
 
 

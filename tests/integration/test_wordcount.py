@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -61,24 +63,29 @@ def reference_count(path: Path) -> dict[str, int]:
     return dict(counts)
 
 
+def private_endpoints(ws: Workspace) -> list[str]:
+    lines, words = ws.endpoint("lines"), ws.endpoint("words")
+    overrides = {
+        "stages.lines.push.bind": lines,
+        "stages.words.pull.connect": lines,
+        "stages.words.push.connect": words,
+        "stages.tally.pull.bind": words,
+    }
+    return [
+        arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")
+    ]
+
+
 def run_wordcount(
     ws: Workspace, text: Path, output: Path, timeout: float = 120
 ) -> dict[str, object]:
-    lines, words = ws.endpoint("lines"), ws.endpoint("words")
     code, report = ws.run_json(
         str(ROOT / "examples" / "wordcount.toml"),
         "--set",
         f"stages.lines.params.path={text}",
         "--set",
         f"stages.tally.params.output={output}",
-        "--set",
-        f"stages.lines.push.bind={lines}",
-        "--set",
-        f"stages.words.pull.connect={lines}",
-        "--set",
-        f"stages.words.push.connect={words}",
-        "--set",
-        f"stages.tally.pull.bind={words}",
+        *private_endpoints(ws),
         timeout=timeout,
     )
     assert code == 0, report
@@ -116,4 +123,28 @@ def test_wordcount_handles_small_and_odd_files(ws: Workspace, content: bytes) ->
 
     run_wordcount(ws, text, output)
 
+    assert json.loads(output.read_text(encoding="utf-8")) == reference_count(text)
+
+
+def test_wordcount_reads_standard_input_when_path_is_a_dash(ws: Workspace) -> None:
+    text, output = ws.path / "in.txt", ws.path / "out.json"
+    write_text(text, 200_000, seed=3)
+    command = [sys.executable, "-m", "orchestrator", "run", "--json"]
+    command += [str(ROOT / "examples" / "wordcount.toml")]
+    command += private_endpoints(ws)
+    command += ["--set", "stages.lines.params.path=-"]
+    command += ["--set", f"stages.tally.params.output={output}"]
+
+    with open(text, "rb") as stdin:
+        result = subprocess.run(
+            command,
+            cwd=ws.path,
+            env=ws.env,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert result.returncode == 0, result.stderr
     assert json.loads(output.read_text(encoding="utf-8")) == reference_count(text)
