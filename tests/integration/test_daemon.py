@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -184,9 +185,18 @@ def test_killed_daemon_leaves_no_stage_and_the_next_up_cleans_its_pidfile(
     wait = ws.cli("wait", str(path), timeout=20)
     assert wait.returncode == 3  # no daemon, and the killed one left no report
 
+    # A process of the old run that survived (a command stage's own child,
+    # say) carries the run directory in its environment.
+    run_dir = next((ws.path / "home").glob("*/run"))
+    survivor = subprocess.Popen(
+        ["sleep", "60"], env={**ws.env, "ORCHESTRATOR_RUN_DIR": str(run_dir)}
+    )
+
     again = ws.cli("up", str(path), timeout=30)
     assert again.returncode == 0, again.stderr
     assert f"stale pidfile (supervisor pid {pid} is gone)" in again.stderr
+    assert f"stopped 1 orphaned stage process(es): [{survivor.pid}]" in again.stderr
+    assert survivor.wait(timeout=5) == -signal.SIGTERM
     new_pid = _daemon_pid(ws)
     assert new_pid is not None and new_pid != pid
     daemons.append(new_pid)
