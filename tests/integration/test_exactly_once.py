@@ -64,6 +64,20 @@ def replicas_of(proc: subprocess.Popen[str], stage: str) -> list[psutil.Process]
     return found
 
 
+def wait_for_replicas(proc: subprocess.Popen[str], stage: str, count: int) -> None:
+    """Wait until ``count`` replicas of ``stage`` run; fail at once if the run ended."""
+
+    def there() -> bool:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"the run ended early (exit {proc.returncode}):\n{err[-3000:]}"
+            )
+        return len(replicas_of(proc, stage)) >= count
+
+    wait_for(there, timeout=30, message=f"{count} {stage} replicas")
+
+
 def assert_exact(report: dict[str, Any], messages: int) -> None:
     assert report["status"] == "completed", report.get("failure")
     assert report["produced"] == messages
@@ -77,7 +91,7 @@ def assert_exact(report: dict[str, Any], messages: int) -> None:
 def test_random_consumer_killed_every_300_ms_counts_stay_exact(ws: Workspace) -> None:
     messages = 200_000
     proc = start(ws, chaos_pipeline(ws, messages))
-    wait_for(lambda: len(replicas_of(proc, "consumer")) == 2, message="consumers")
+    wait_for_replicas(proc, "consumer", 2)
     kills = 0
     rng = random.Random(1)
     while proc.poll() is None:
@@ -103,7 +117,7 @@ def test_collector_or_producer_killed_mid_run_counts_stay_exact(
 ) -> None:
     messages = 200_000
     proc = start(ws, chaos_pipeline(ws, messages))
-    wait_for(lambda: replicas_of(proc, "producer"), message="the producer")
+    wait_for_replicas(proc, "producer", 1)
     time.sleep(0.7)  # mid-run: about a third of the stream is through
     replicas_of(proc, victim)[0].kill()
     report = finish(proc)
@@ -146,7 +160,7 @@ def test_accounting_off_reports_loss_honestly(ws: Workspace) -> None:
     messages = 200_000
     text = chaos_pipeline(ws, messages, pipeline_extra='delivery = "at-most-once"')
     proc = start(ws, text)
-    wait_for(lambda: len(replicas_of(proc, "consumer")) == 2, message="consumers")
+    wait_for_replicas(proc, "consumer", 2)
     time.sleep(0.5)
     replicas_of(proc, "consumer")[0].kill()
     report = finish(proc)
@@ -215,7 +229,7 @@ call = "teststages:count"
 pull = {{ bind = "{results}" }}
 """)
     proc = ws.popen("run", "--json", str(path))
-    wait_for(lambda: len(replicas_of(proc, "consumer")) == 2, message="consumers")
+    wait_for_replicas(proc, "consumer", 2)
     rng = random.Random(2)
     kills = 0
     while proc.poll() is None and kills < 6:
@@ -239,7 +253,7 @@ def test_undecodable_message_goes_to_the_dead_letter_file(ws: Workspace) -> None
 
     text = chaos_pipeline(ws, 100_000)
     proc = start(ws, text)
-    wait_for(lambda: replicas_of(proc, "producer"), message="the producer")
+    wait_for_replicas(proc, "producer", 1)
     ctx = zmq.Context()
     try:
         push = ctx.socket(zmq.PUSH)
