@@ -152,6 +152,9 @@ class Launcher(Protocol):
 
     def reap(self) -> list[tuple[int, int]]: ...
 
+    def node(self, pid: int | None) -> str | None:
+        """The address of the host a replica ran on, if not this one."""
+
     def close(self) -> None: ...
 
 
@@ -177,6 +180,9 @@ class ForkLauncher:
             if pid == 0:
                 return ended
             ended.append((pid, status))
+
+    def node(self, pid: int | None) -> str | None:
+        return None
 
     def close(self) -> None:
         pass

@@ -253,6 +253,7 @@ class RayLauncher:
         self.pending: dict[tuple[str, int], _Incarnation] = {}
         self.running: dict[Any, _Incarnation] = {}
         self.ended: list[tuple[int, int]] = []
+        self.nodes_of: dict[int, str] = {}  # for the report, after exits too
         self.closed = False
         self._threads = [
             threading.Thread(target=self._accept, name="ray-accept", daemon=True),
@@ -406,6 +407,7 @@ class RayLauncher:
             while inc.ident in self.by_ident:  # the same pid on another host
                 inc.ident += PID_LIMIT
             self.by_ident[inc.ident] = inc
+            self.nodes_of[inc.ident] = node
             self.pending[(name, spec.epoch)] = inc
             listener = self.listener.getsockname()[:2]
             inc.ref = actor.run.remote(fields, listener, self.token)
@@ -439,6 +441,9 @@ class RayLauncher:
                 return
             with contextlib.suppress(OSError):
                 inc.output.sendall(bytes([signum]))
+
+    def node(self, pid: int | None) -> str | None:
+        return self.nodes_of.get(pid or 0)
 
     def reap(self) -> list[tuple[int, int]]:
         with self.lock:

@@ -28,6 +28,8 @@ def build(sup: Supervisor) -> dict[str, Any]:
             per_via[via] = per_via.get(via, 0) + count
 
     workers = [_replica_entry(r, per_via) for r in sup.replicas]
+    for entry, replica in zip(workers, sup.replicas, strict=True):
+        entry["node"] = sup.launcher.node(replica.last_pid)  # None when local
     summary = sink.summary if sink is not None else None
     per_consumer: Any = per_via
     if isinstance(summary, dict) and isinstance(summary.get("per_consumer"), dict):
