@@ -223,6 +223,9 @@ class Runtime:
             if self.spec.curve is not None and not self.stage.push.bind:
                 events |= REFUSED_EVENTS  # a server refused our keys: say so
             monitor = self.push.get_monitor_socket(events)
+            # Closed with the others if we give up waiting: an open socket
+            # would hang ctx.term(), and the process with it.
+            self.sockets.append(monitor)
         if self.pull is not None:
             self._attach(self.pull, "pull")
             self.poller.register(self.pull, zmq.POLLIN)
