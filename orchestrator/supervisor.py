@@ -591,6 +591,7 @@ class Supervisor:
                 self._signal(replica, signal.SIGKILL)
         if not self.health.sample_due(self.clock()):
             return
+        self._check_never_ready()
         zombies = self.health.zombies_seen
         verdicts = self.health.sample(self.replicas)
         if self.health.zombies_seen > zombies:  # dead, whatever SIGCHLD said
@@ -599,6 +600,32 @@ class Supervisor:
             replica = verdict.replica
             if self.status == "running" and replica.state == "ready":
                 self._restart_gracefully(replica, verdict.reason, verdict.detail)
+
+    def _check_never_ready(self) -> None:
+        """A replacement that never gets ready is hung as well.
+
+        Start-up has its own deadline (``ready_timeout``, failing the run) and
+        a stage waiting for its peers gives up by itself (exit 78) after
+        ``ready_timeout``; this catches only a process that cannot even do
+        that (stopped, deadlocked), so it waits ``heartbeat_timeout`` longer.
+        """
+        if self.status != "running":
+            return
+        now = self.clock()
+        for replica in self.replicas:
+            if replica.state != "starting" or replica.pid is None:
+                continue
+            limit = self.pipeline.ready_timeout + replica.stage.heartbeat_timeout
+            if now - replica.started_at > limit:
+                log.warning(
+                    "%s pid %d not ready after %.1f s: hung, killing it",
+                    replica.name,
+                    replica.pid,
+                    now - replica.started_at,
+                )
+                replica.state = "hung"
+                replica.error = {"kind": "hung", "message": "never ready"}
+                self._signal(replica, signal.SIGKILL)
 
     def _restart_gracefully(self, replica: Replica, reason: str, detail: str) -> None:
         """SIGTERM now, SIGKILL after the grace period; then a restart as usual."""

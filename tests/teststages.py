@@ -144,3 +144,21 @@ def chatty(record: dict[str, int], ctx: StageContext, delay: float = 0.0
 
     print(f"handling {record['num']}", file=sys.stderr)
     return keep_even(record, ctx, delay)
+
+
+_spinning: list[bool] = []  # per process: is this the incarnation that spins?
+
+
+def spin_once(record: dict[str, int], ctx: StageContext, per_record: float = 0.001
+              ) -> dict[str, int] | None:
+    """Burn ``per_record`` s of CPU per input, in replica 0's first incarnation."""
+    if ctx.replica == 0:
+        if not _spinning:
+            marker = ctx.run_dir / f"spun-{ctx.stage}"
+            _spinning.append(not marker.exists())
+            marker.touch()
+        if _spinning[0]:
+            until = time.thread_time() + per_record
+            while time.thread_time() < until:
+                pass
+    return keep_even(record, ctx)

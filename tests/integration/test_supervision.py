@@ -105,6 +105,13 @@ def replica_pid(run: Run, name: str) -> int | None:
     return None
 
 
+def zmq_threads(pid: int) -> list[str]:
+    """Names of libzmq's own threads (``ZMQbg/...``) in process ``pid``."""
+    names = (task.read_text().strip() for task in
+             Path(f"/proc/{pid}/task").glob("*/comm"))
+    return [name for name in names if name.startswith("ZMQbg")]
+
+
 def entry(report: dict[str, Any], name: str) -> dict[str, Any]:
     stage, index = name.split(".")
     return next(w for w in report["workers"]
@@ -178,6 +185,27 @@ def test_worker_growing_past_max_rss_is_restarted_gracefully(ws: Workspace) -> N
     assert run.count("did not stop within") == 0
     assert bloated["stats"]["rss"] < 150 * 2**20  # the replacement's last sample
     assert bloated["stats"]["fds"] > 0 and bloated["stats"]["threads"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_worker_spinning_past_max_cpu_is_restarted_gracefully(ws: Workspace) -> None:
+    path = with_rate(ws.classic(
+        messages=20_000, worker="teststages:spin_once",
+        worker_params="per_record = 0.0005",
+        pipeline_extra="health_interval = 0.1",
+        worker_extra="max_cpu = 30"), 20_000, 10_000)
+    run = Run(ws, path)
+    try:
+        report = run.finish()
+    finally:
+        run.stop()
+
+    assert report["status"] == "completed", report["failure"]
+    assert entry(report, "consumer.0")["restart_reasons"] == ["max_cpu"]
+    assert entry(report, "consumer.1")["restarts"] == 0
+    assert report["lost"] == 0
+    assert report["collected"] == 10_000
+    assert run.count("over max_cpu 30% for 3 samples: restarting it") == 1
 
 
 @pytest.mark.timeout(60)
@@ -323,6 +351,7 @@ def test_fifty_restarts_leave_the_supervisor_flat_and_no_zombies(
         zombies = [c for c in supervisor.children()
                    if c.status() == psutil.STATUS_ZOMBIE]
         live = len(stage_processes(run.proc.pid))
+        threads = zmq_threads(run.proc.pid)
         run.proc.send_signal(signal.SIGTERM)
         report = run.finish(timeout=30)
     finally:
@@ -332,6 +361,7 @@ def test_fifty_restarts_leave_the_supervisor_flat_and_no_zombies(
     assert after[1] - before[1] < 4 * 2**20, f"rss {before[1]} -> {after[1]}"
     assert zombies == []
     assert live == 4
+    assert threads == []  # no ZeroMQ context in the supervisor, none to fork
     assert entry(report, "consumer.0")["restarts"] == 50
 
 
