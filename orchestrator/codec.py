@@ -23,14 +23,28 @@ import msgspec
 Frame = tuple[int, int, int, str, bool, list[Any]]
 
 
+class Unencodable(TypeError):
+    """A stage function produced a value the codec has no encoding for."""
+
+
+def _refuse(value: Any) -> Any:
+    # Called by msgspec only for types it cannot encode: no cost otherwise.
+    raise Unencodable(
+        f"cannot encode a {type(value).__name__} ({value!r:.80}): records are "
+        "dicts, lists, strings, numbers, booleans, None or bytes"
+    )
+
+
 class Codec:
     def __init__(self, name: str) -> None:
         self.name = name
         if name == "json":
-            self.encode: Callable[[Any], bytes] = msgspec.json.Encoder().encode
+            self.encode: Callable[[Any], bytes] = msgspec.json.Encoder(
+                enc_hook=_refuse
+            ).encode
             self._decode: Callable[[bytes], Any] = msgspec.json.Decoder().decode
         else:
-            self.encode = msgspec.msgpack.Encoder().encode
+            self.encode = msgspec.msgpack.Encoder(enc_hook=_refuse).encode
             self._decode = msgspec.msgpack.Decoder().decode
 
     def decode(self, data: bytes) -> Any:

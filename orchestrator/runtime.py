@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from .channel import Channel
-from .codec import Codec
+from .codec import Codec, Unencodable
 from .config import Pipeline, Stage
 from .curve import REFUSED_EVENTS, Curve, authenticator, secure
 from .health import endpoint_holder
@@ -975,6 +976,16 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def _reportable(summary: Any) -> Any:
+    """The sink's summary, or its repr if the control channel cannot carry it."""
+    try:
+        msgspec.msgpack.encode(summary)
+    except (TypeError, OverflowError) as exc:
+        log.warning("the summary cannot be encoded (%s): reporting its repr", exc)
+        return repr(summary)
+    return summary
+
+
 def run_replica(spec: ReplicaSpec) -> int:
     """Run one stage replica to completion; returns the process's exit code."""
     stage = spec.stage
@@ -990,8 +1001,10 @@ def run_replica(spec: ReplicaSpec) -> int:
             summary = runtime.run(fn)  # type: ignore[attr-defined]
         except Stopping:
             pass
+        except Unencodable as exc:  # the function returned what cannot travel
+            raise UserError(_user_traceback(exc)) from exc
         runtime.channel.send_blocking(
-            {"t": "final", "c": runtime.status(), "summary": summary}
+            {"t": "final", "c": runtime.status(), "summary": _reportable(summary)}
         )
         return 0
     except UserError as exc:

@@ -38,12 +38,16 @@ def keep_multiples(record: dict[str, int], ctx, of=3, fail_at=-1):
     return record if record["n"] % of == 0 else None
 
 
+def opaque(record: dict[str, int], ctx, at=-1):
+    return object() if record["n"] == at else record
+
+
 def enrich(record: dict[str, int], ctx):
     yield {**record, "cube": record["n"] ** 3, "by": ctx.stage}
     yield {**record, "cube": 0, "by": "copy"}
 
 
-def total(records: Iterable[dict[str, Any]], ctx, fail_after=-1) -> dict[str, Any]:
+def total(records: Iterable[dict[str, Any]], ctx, fail_after=-1, opaque=False):
     seen = 0
     sums = {"n": 0, "square": 0, "cube": 0}
     for record in records:
@@ -52,7 +56,7 @@ def total(records: Iterable[dict[str, Any]], ctx, fail_after=-1) -> dict[str, An
         seen += 1
         for key in sums:
             sums[key] += record.get(key, 0)
-    return {"results": seen, **sums}
+    return object() if opaque else {"results": seen, **sums}
 """
 
 
@@ -333,3 +337,31 @@ def failed_pid(report: dict[str, object], stage: str) -> int:
     workers = report["workers"]
     assert isinstance(workers, list)
     return next(w["pid"] for w in workers if w["stage"] == stage)
+
+
+def test_a_record_that_cannot_be_encoded_is_reported_as_the_stages_error(
+    ws: Workspace,
+) -> None:
+    path = _chain(ws, 2000, worker_params=", at = 300")
+    text = path.read_text().replace(
+        'call = "chainstages:keep_multiples"',
+        'call = "chainstages:opaque"\nrestart = "never"',
+    )
+    path.write_text(text.replace("of = 3 , at", "at"))
+    result, report = _run(ws, path)
+
+    assert result.returncode == 1
+    failed = report["failed_stage"]
+    assert (failed["stage"], failed["replica"]) == ("filter", 0)
+    assert "cannot encode a object (<object object at" in failed["traceback"]
+    assert "filter.0 pid" in result.stderr
+
+
+def test_a_summary_that_cannot_be_encoded_is_reported_as_its_repr(
+    ws: Workspace,
+) -> None:
+    result, report = _run(ws, _chain(ws, 1000, sink_params="opaque = true"))
+
+    assert result.returncode == 0, result.stderr
+    assert report["summary"].startswith("<object object at")
+    assert "the summary cannot be encoded" in result.stderr
