@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
