@@ -164,7 +164,7 @@ def test_stage_processes_carry_a_title(ws: Workspace) -> None:
         wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
         titles = wait_for(
             lambda: sorted(
-                " ".join(p.cmdline())
+                " ".join(p.cmdline()).strip()
                 for p in stage_processes(proc.pid)
                 if "orchestrator: titled" in " ".join(p.cmdline())
             ),
