@@ -13,131 +13,31 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tests.conftest import ROOT, Workspace, wait_for
+from tests.raycluster import HEAD, WORKER, RayCluster, free_port, start_cluster
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-HEAD, WORKER = "127.0.0.2", "127.0.0.3"
-# Starting a node takes 5-10 s on two cores; give it room, but not forever.
-NODE_START_S = 60.0
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class RayCluster:
-    address: str
-    env: dict[str, str]
-    nodes: list[subprocess.Popen[bytes]]
-    temp_dir: Path
-
-    def stop(self) -> None:
-        """SIGTERM each `ray start --block` we started (it stops its node's
-        processes), then SIGKILL whatever of ours is left."""
-        ours: list[psutil.Process] = []
-        for node in self.nodes:
-            try:
-                ours += psutil.Process(node.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-        for node in reversed(self.nodes):
-            if node.poll() is None:
-                node.send_signal(signal.SIGTERM)
-        for node in reversed(self.nodes):
-            try:
-                node.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        _gone, alive = psutil.wait_procs(ours, timeout=5)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-
-
-def _start_node(args: list[str], env: dict[str, str], log: Path) -> Any:
-    ray = Path(sys.executable).parent / "ray"
-    with open(log, "wb") as out:
-        node = subprocess.Popen(
-            [str(ray), "start", "--block", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C of the tests is not for it
-        )
-    wait_for(
-        lambda: b"Ray runtime started" in log.read_bytes() or node.poll() is not None,
-        timeout=NODE_START_S,
-        interval=0.2,
-        message=f"ray start {' '.join(args)}",
-    )
-    if node.poll() is not None:
-        raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
-    return node
-
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))
-    env = dict(os.environ)
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=secrets.token_hex(32),
-        RAY_USAGE_STATS_ENABLED="0",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-    )
-    port = _free_port(HEAD)
-    address = f"{HEAD}:{port}"
-    common = ["--num-cpus", "2", "--disable-usage-stats"]
-    cluster = RayCluster(address, env, [], temp_dir)
+    started = start_cluster()
     try:
-        cluster.nodes.append(
-            _start_node(
-                [
-                    "--head",
-                    f"--node-ip-address={HEAD}",
-                    f"--port={port}",
-                    f"--temp-dir={temp_dir}",
-                    "--include-dashboard=false",
-                    *common,
-                ],
-                env,
-                temp_dir / "head.log",
-            )
-        )
-        cluster.nodes.append(
-            _start_node(
-                [f"--address={address}", f"--node-ip-address={WORKER}", *common],
-                env,
-                temp_dir / "worker.log",
-            )
-        )
-        yield cluster
+        yield started
     finally:
-        cluster.stop()
+        started.stop()
 
 
 def _ray_ws(ws: Workspace, cluster: RayCluster) -> Workspace:
@@ -148,7 +48,7 @@ def _ray_ws(ws: Workspace, cluster: RayCluster) -> Workspace:
 
 
 def _ports() -> tuple[int, int]:
-    return _free_port(HEAD), _free_port(HEAD)
+    return free_port(HEAD), free_port(HEAD)
 
 
 def _ray_pipeline(
