@@ -220,7 +220,7 @@ def run(
     setup_logging(quiet or json_output)
     shown: list[display.LiveDisplay] = []
 
-    def prepare(supervisor: Supervisor, server: control.ControlServer) -> None:
+    def prepare(supervisor: Supervisor) -> None:
         if exporter is not None:
             exporter.attach(supervisor)
         if json_output or quiet:
@@ -341,7 +341,7 @@ def up(
         for note in daemon.acquire(lock, directory):
             log.warning("%s", note)
 
-        def prepare(supervisor: Supervisor, server: control.ControlServer) -> None:
+        def prepare(supervisor: Supervisor) -> None:
             if exporter is not None:
                 exporter.attach(supervisor)
 

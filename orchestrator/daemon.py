@@ -36,7 +36,8 @@ ORPHAN_GRACE_S = 2.0
 # On top of every start group's ready timeout: imports, forks, a slow disk.
 UP_MARGIN_S = 10.0
 
-Prepare = Callable[[Supervisor, ControlServer], None]
+# Attaches what a caller wants on the loop (display, metrics) before it runs.
+Prepare = Callable[[Supervisor], None]
 
 
 class DaemonFailed(OrchestratorError):
@@ -104,6 +105,8 @@ def supervise(
     supervisor = Supervisor(
         loaded, rundir.fresh_run_dir(directory), directory / "logs", on_output
     )
+    if prepare is not None:  # before the control socket: it may fail
+        prepare(supervisor)
     server = ControlServer(supervisor, directory / "control.sock")
     told = False
 
@@ -115,8 +118,6 @@ def supervise(
                 on_ready(None)
 
     supervisor.hooks.append(watch_ready)
-    if prepare is not None:
-        prepare(supervisor, server)
     try:
         supervisor.run(timeout)
     finally:
@@ -242,12 +243,13 @@ def _become_daemon(
         result = supervise(loaded, directory, timeout, on_ready=tell, prepare=prepare)
         code = report.exit_code(result)
         log.info("pipeline %s: %s", loaded.name, result["status"])
-    except BaseException:
+    except BaseException as exc:
         log.exception("the daemon failed")
         traceback.print_exc()
         if ready_fd >= 0:
             with contextlib.suppress(OSError):
-                message = f"the daemon failed: {sys.exc_info()[1]!r}"
+                reason = str(exc) if isinstance(exc, OrchestratorError) else repr(exc)
+                message = f"the daemon failed: {reason}"
                 os.write(ready_fd, json.dumps({"ok": False, "error": message}).encode())
     finally:
         with contextlib.suppress(BaseException):
@@ -280,9 +282,7 @@ def _daemon_logging(directory: Path) -> None:
         backupCount=LOG_BACKUPS,
         encoding="utf-8",
     )
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
-    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
