@@ -10,7 +10,6 @@ supervisor it was forked from ever runs twice.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import functools
