@@ -365,3 +365,28 @@ def test_a_summary_that_cannot_be_encoded_is_reported_as_its_repr(
     assert result.returncode == 0, result.stderr
     assert report["summary"].startswith("<object object at")
     assert "the summary cannot be encoded" in result.stderr
+
+
+def test_command_stage_that_binds_is_started_before_its_source(ws: Workspace) -> None:
+    """Its readiness is its listening socket: the source starts after it."""
+    e = ws.endpoint
+    path = _command_pipeline(ws)
+    text = path.read_text()
+    text = text.replace(
+        f'push = {{ bind = "{e("work")}" }}', f'push = {{ connect = "{e("work")}" }}'
+    )
+    text = text.replace(
+        f'pull = {{ connect = "{e("work")}" }}', f'pull = {{ bind = "{e("work")}" }}'
+    )
+    path.write_text(text.replace("replicas = 2", "replicas = 1"))
+    result = ws.cli("run", str(path))  # not --json: that quiets the INFO lines
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(next((ws.path / "home").glob("cmd-*/report.json")).read_text())
+    assert report["summary"]["sum"] == 2 * sum(range(20_000))
+    ready = [
+        line.split()[2]
+        for line in result.stderr.splitlines()
+        if line.endswith(" ready") and " pid " in line
+    ]
+    assert ready.index("doubler.0") < ready.index("producer.0"), result.stderr
