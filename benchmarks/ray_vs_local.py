@@ -89,7 +89,10 @@ def run_once(
         timeout=600,
     )
     wall = time.monotonic() - started
-    report = json.loads(result.stdout)
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        raise RuntimeError(f"{variant}: no report\n{result.stderr[-3000:]}") from None
     if report["status"] != "completed" or report["produced"] != messages:
         raise RuntimeError(f"{variant}: {report['status']} {report.get('failure')}")
     steady = report["duration_s"] - (report["ready_s"] or 0.0)

@@ -63,13 +63,16 @@ HELLO_TIMEOUT_S = 10.0
 # their last bytes (a final heartbeat, a traceback) before we stop waiting.
 # A node that vanished never closes its connections; this bounds that case.
 DRAIN_S = 2.0
+# How long the cluster's address may take to accept a TCP connection.
+PROBE_S = 5.0
 # ray.wait timeout of the waiter thread, so it picks up new actors promptly.
 WAIT_POLL_S = 0.1
 # What a replica asks of a custom resource: a sliver, so the label decides
 # where it goes without limiting how many replicas fit on a node.
 RESOURCE_SHARE = 0.001
-# Linux pids stay below 2**22; ids of replicas on other hosts whose pid is
-# already taken here are moved above it, where no local process can be.
+# Linux pids stay below 2**22.  A replica on another host gets an id above
+# it: the supervisor (its health checks) must not take its pid for the pid
+# of a process here.
 PID_LIMIT = 2**22
 
 _HEADER = struct.Struct("!I")
@@ -85,8 +88,8 @@ class ReplicaActor:
     """One incarnation of a replica.  Restarts are the supervisor's, not Ray's:
     they follow the stage's restart policy and back-off, as locally."""
 
-    def hello(self) -> tuple[int, str]:
-        return os.getpid(), ray.util.get_node_ip_address()
+    def hello(self) -> tuple[int, str, str]:
+        return os.getpid(), ray.util.get_node_ip_address(), _boot_id()
 
     def run(
         self, fields: dict[str, Any], listener: tuple[str, int], token: bytes
@@ -236,6 +239,7 @@ class RayLauncher:
         self.address = pipeline.ray_address
         self._connect()
         self.driver_node = ray.util.get_node_ip_address()
+        self.boot_id = _boot_id()
         self.nodes = self._live_nodes()
         self.placements = {s.name: self._place(s) for s in pipeline.stages}
         self.endpoints = self._resolve_endpoints()
@@ -271,6 +275,7 @@ class RayLauncher:
             "log_to_driver": False,  # replica output reaches us directly
             "logging_level": logging.WARNING,
         }
+        self._probe()
         node_ip = local_address_of(self.address)
         if node_ip is not None:
             # Ray would otherwise pick this machine's outward address.
@@ -279,6 +284,16 @@ class RayLauncher:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(self.address, f"cannot connect: {exc}") from exc
+
+    def _probe(self) -> None:
+        """Fail at once on a wrong address: ray.init retries for minutes."""
+        if self.address in ("auto", "local") or "://" in self.address:
+            return
+        host, _, port = self.address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=PROBE_S).close()
+        except (OSError, ValueError) as exc:
+            raise ClusterError(self.address, f"nothing answers there ({exc})") from exc
 
     def _live_nodes(self) -> dict[str, dict[str, Any]]:
         return {
@@ -342,7 +357,7 @@ class RayLauncher:
 
         return replace(stage, pull=move(stage.pull), push=move(stage.push))
 
-    def _warm_up(self) -> dict[tuple[str, int], tuple[Any, int, str]]:
+    def _warm_up(self) -> dict[tuple[str, int], tuple[Any, int, str, str]]:
         """Create every replica's first actor at once: Ray starts them in
         parallel, where spawning them one by one would add their start-ups."""
         wanted = [
@@ -361,7 +376,7 @@ class RayLauncher:
         options = self.placements[stage.name].options
         return ReplicaActor.options(**options).remote()  # type: ignore[attr-defined]
 
-    def _hello(self, actors: list[Any], names: list[str]) -> list[tuple[int, str]]:
+    def _hello(self, actors: list[Any], names: list[str]) -> list[tuple[int, str, str]]:
         timeout = self.pipeline.ready_timeout
         try:
             return list(ray.get([a.hello.remote() for a in actors], timeout=timeout))
@@ -385,7 +400,7 @@ class RayLauncher:
         if found is None:
             actor = self._new_actor(stage)
             found = (actor, *self._hello([actor], [name])[0])
-        actor, pid, node = found
+        actor, pid, node, boot = found
 
         read_fd, write_fd = os.pipe()
         inc = _Incarnation(
@@ -403,7 +418,7 @@ class RayLauncher:
             "curve": self._curve(self.stages[stage.name]),
         }
         with self.lock:
-            inc.ident = pid
+            inc.ident = pid if boot == self.boot_id else pid + PID_LIMIT
             while inc.ident in self.by_ident:  # the same pid on another host
                 inc.ident += PID_LIMIT
             self.by_ident[inc.ident] = inc
@@ -412,7 +427,8 @@ class RayLauncher:
             listener = self.listener.getsockname()[:2]
             inc.ref = actor.run.remote(fields, listener, self.token)
             self.running[inc.ref] = inc
-        log.info("%s pid %d on node %s", name, pid, node)
+        here = "" if inc.ident == pid else f" (id {inc.ident} here)"
+        log.info("%s pid %d on node %s%s", name, pid, node, here)
         return inc.ident, read_fd
 
     def _curve(self, stage: Stage) -> Any:
@@ -454,7 +470,7 @@ class RayLauncher:
         with self.lock:
             self.closed = True
             live = [inc.actor for inc in self.by_ident.values()]
-            live += [actor for actor, _, _ in self.warm.values()]
+            live += [found[0] for found in self.warm.values()]
             self.warm.clear()
         for actor in live:
             with contextlib.suppress(Exception):  # already gone is fine
@@ -635,6 +651,14 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
             raise OSError("closed before the hello was complete")
         data += chunk
     return data
+
+
+def _boot_id() -> str:
+    """Which running kernel this is: pids mean the same only under one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # pragma: no cover - not Linux
+        return socket.gethostname()
 
 
 def _must_pin(pipeline: Pipeline, stage: Stage) -> bool:
