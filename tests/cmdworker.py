@@ -61,6 +61,10 @@ if control is not None:
     tell({"t": "ready"})
 frames = 0
 while True:
+    # Heartbeats go out while idle too: once one was sent, silence means hung.
+    if control is not None and not pull.poll(100):
+        tell({"t": "hb", "c": counters})
+        continue
     src, key, seq, _via, flat, items = decode(pull.recv())
     if frames == die_after:
         open(died_once, "w").close()
