@@ -390,3 +390,19 @@ def test_command_stage_that_binds_is_started_before_its_source(ws: Workspace) ->
         if line.endswith(" ready") and " pid " in line
     ]
     assert ready.index("doubler.0") < ready.index("producer.0"), result.stderr
+
+
+def test_command_stage_without_heartbeats_is_not_taken_for_hung(ws: Workspace) -> None:
+    path = _command_pipeline(ws, messages=3000)
+    text = path.read_text().replace(
+        "params = { messages = 3000 }", "params = { messages = 3000, rate = 2000 }"
+    )
+    # The run lasts about 1.5 s: five times the doubler's heartbeat timeout.
+    path.write_text(
+        text.replace("replicas = 2\n", "replicas = 2\nheartbeat_timeout = 0.3\n")
+    )
+    result, report = _run(ws, path)
+
+    assert result.returncode == 0, result.stderr
+    assert report["restarts"] == 0
+    assert report["summary"]["sum"] == 2 * sum(range(3000))
