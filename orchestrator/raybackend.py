@@ -374,7 +374,8 @@ class RayLauncher:
 
     def _new_actor(self, stage: Stage) -> Any:
         options = self.placements[stage.name].options
-        return ReplicaActor.options(**options).remote()  # type: ignore[attr-defined]
+        actor_class: Any = ReplicaActor  # ray.remote made it an ActorClass
+        return actor_class.options(**options).remote()
 
     def _hello(self, actors: list[Any], names: list[str]) -> list[tuple[int, str, str]]:
         timeout = self.pipeline.ready_timeout
