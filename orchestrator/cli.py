@@ -449,6 +449,8 @@ def logs(
             f"[dim]{line.time}[/] [{colour}]{line.name}[/] | ", end="", markup=True
         )
         console.print(line.text, markup=False)
+        if follow:  # a reader at the other end of a pipe sees it now
+            console.file.flush()
 
     for line in logfiles.read(files, lines):
         emit(line)
