@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 from socket import AF_UNIX
+from typing import Any
 
 import psutil
 
@@ -32,7 +33,7 @@ def is_ready(pid: int, stage: Stage) -> bool:
     try:
         process = psutil.Process(pid)
         environ = process.environ()  # first: connections after the exec only
-        connections = process.net_connections(kind="all")
+        connections = _connections([process, *process.children(recursive=True)])
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
     if "ORCHESTRATOR_CONTROL_FD" not in environ:
@@ -67,6 +68,18 @@ def is_ready(pid: int, stage: Stage) -> bool:
     # An ipc client socket has no address of its own, so all we can check is
     # that there are at least as many of them as ipc endpoints to connect to.
     return unix_clients >= ipc_connects
+
+
+def _connections(processes: list[psutil.Process]) -> list[Any]:
+    """The sockets of a program and of its children: a wrapper script may
+    leave the sockets to a program it starts (though ``exec`` is better)."""
+    found = []
+    for process in processes:
+        try:
+            found += process.net_connections(kind="all")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # a child that is gone has no sockets to count
+    return found
 
 
 def _bound(endpoint: str, listening: set[int], unix_paths: set[str]) -> bool:

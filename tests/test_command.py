@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator import command
@@ -139,3 +140,35 @@ def test_a_dead_process_is_not_ready() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(timeout=10)
     assert not command.is_ready(proc.pid, _worker("ipc:///tmp/x", "ipc:///tmp/y"))
+
+
+def test_a_wrapper_script_is_ready_when_its_child_is(tmp: Path) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    downstream = ctx.socket(zmq.PULL)
+    downstream.linger = 0
+    downstream.bind(f"ipc://{tmp}/down.sock")
+    up, down = f"ipc://{tmp}/up.sock", f"ipc://{tmp}/down.sock"
+    env = dict(os.environ, ORCHESTRATOR_CONTROL_FD="-1", PROGRAM=PROGRAM)
+    # "; exit $?" keeps the shell from replacing itself with the program.
+    script = f'{sys.executable} -c "$PROGRAM" "$0" "$1"; exit $?'
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", script, up, down],
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        wait_for(lambda: command.is_ready(proc.pid, _worker(up, down)))
+    finally:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        _stop(proc)
+        downstream.close()
+        ctx.term()
