@@ -431,6 +431,9 @@ def logs(
     lines: Annotated[
         int | None, typer.Option("--lines", "-n", help="Only the last N lines.")
     ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line.")
+    ] = False,
 ) -> None:
     """The replicas' output, merged in time order: `time stage.N | line`."""
     try:
@@ -444,11 +447,15 @@ def logs(
     colours = {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
     def emit(line: logfiles.Line) -> None:
-        colour = colours.get(line.name, "white")
-        console.print(
-            f"[dim]{line.time}[/] [{colour}]{line.name}[/] | ", end="", markup=True
-        )
-        console.print(line.text, markup=False)
+        if json_output:
+            record = {"time": line.stamp, "replica": line.name, "line": line.text}
+            print(json.dumps(record), file=console.file)
+        else:
+            colour = colours.get(line.name, "white")
+            console.print(
+                f"[dim]{line.time}[/] [{colour}]{line.name}[/] | ", end="", markup=True
+            )
+            console.print(line.text, markup=False)
         if follow:  # a reader at the other end of a pipe sees it now
             console.file.flush()
 
@@ -533,6 +540,7 @@ def restart(
     target: Annotated[str, typer.Argument(metavar="STAGE[.N]")],
     pipeline: PipelineOption = Path("pipeline.toml"),
     set_: SetOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Restart a stage's replicas (or one), gracefully; return once ready."""
     stage, _, index = target.partition(".")
@@ -570,7 +578,13 @@ def restart(
             highlight=False,
         )
         raise typer.Exit(EXIT_FAILED)
-    print(f"restarted {', '.join(old)}")
+    if json_output:
+        now = {f"{w['stage']}.{w['replica']}": w["pid"] for w in result["workers"]}
+        print(
+            json.dumps({n: {"old_pid": pid, "pid": now[n]} for n, pid in old.items()})
+        )
+    else:
+        print(f"restarted {', '.join(old)}")
 
 
 @app.command()

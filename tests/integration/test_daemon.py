@@ -138,8 +138,10 @@ def test_up_status_scale_restart_wait_cycle_loses_nothing(
     scaled = ws.cli("scale", "consumer=2", "-p", str(path), timeout=30)
     assert scaled.returncode == 0, scaled.stderr
     assert "consumer: 4 -> 2 replicas, all ready" in scaled.stdout
-    restarted = ws.cli("restart", "consumer.1", "-p", str(path), timeout=30)
+    restarted = ws.cli("restart", "consumer.1", "-p", str(path), "--json", timeout=30)
     assert restarted.returncode == 0, restarted.stderr
+    pids = json.loads(restarted.stdout)["consumer.1"]
+    assert pids["pid"] != pids["old_pid"]
     code, report = _status(ws, path)
     assert code == 0 and report["status"] == "running"  # still streaming
 
@@ -191,6 +193,10 @@ def test_stop_ends_an_endless_pipeline_and_status_says_not_running(
     logs = ws.cli("logs", "-p", str(path), timeout=20)
     assert logs.returncode == 0
     assert "supervisor | " in logs.stdout and "all stages ready" in logs.stdout
+    logs = ws.cli("logs", "supervisor", "-p", str(path), "--json", timeout=20)
+    records = [json.loads(line) for line in logs.stdout.splitlines()]
+    assert {r["replica"] for r in records} == {"supervisor"}
+    assert any("stop requested" in r["line"] for r in records)
 
 
 def test_killed_daemon_leaves_no_stage_and_the_next_up_cleans_its_pidfile(
