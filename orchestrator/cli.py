@@ -366,13 +366,18 @@ def up(
         "ready_s": round(time.monotonic() - started, 3),
         "runtime_dir": str(directory),
     }
+    if answer.get("completed"):
+        info["completed"] = True
     if json_output:
         print(json.dumps(info))
         return
-    print(
-        f"pipeline {loaded.name} is up: {info['replicas']} replicas ready in "
-        f"{info['ready_s']:.2f} s, supervisor pid {info['supervisor_pid']}"
-    )
+    if answer.get("completed"):
+        print(f"pipeline {loaded.name} ran to completion already: `orchestrator wait`")
+    else:
+        print(
+            f"pipeline {loaded.name} is up: {info['replicas']} replicas ready in "
+            f"{info['ready_s']:.2f} s, supervisor pid {info['supervisor_pid']}"
+        )
     print(f"runtime directory: {directory}")
 
 

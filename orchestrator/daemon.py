@@ -233,6 +233,8 @@ def _become_daemon(
             answer: dict[str, Any]
             if result is None:
                 answer = {"ok": True, "pid": os.getpid()}
+            elif result["status"] == "completed":  # too short to be seen running
+                answer = {"ok": True, "pid": os.getpid(), "completed": True}
             else:
                 answer = {"ok": False, "error": result.get("failure") or "stopped"}
             with contextlib.suppress(OSError):
