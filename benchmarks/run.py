@@ -96,6 +96,7 @@ def classic(ends: Endpoints, messages: int) -> dict[str, Any]:
         return subprocess.Popen(
             [sys.executable, str(here / script), *args],
             env=env,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -106,6 +107,7 @@ def classic(ends: Endpoints, messages: int) -> dict[str, Any]:
         *("--give-up-after", str(CLASSIC_GIVE_UP_S)),
     )
     consumers: list[subprocess.Popen[str]] = []
+    producer: subprocess.Popen[str] | None = None
     try:
         harness.wait_for_line(collector, "collector ready", 30)
         for _ in range(2):
@@ -114,11 +116,13 @@ def classic(ends: Endpoints, messages: int) -> dict[str, Any]:
             harness.wait_for_line(consumer, "I am consumer", 30)
         time.sleep(CLASSIC_SETTLE_S)
         launched = time.time()
-        producer = start("producer.py", "--work", work, "--messages", str(messages))
+        producer = start(
+            "producer.py", "--work", work, "--messages", str(messages), "--stay"
+        )
         out, _ = collector.communicate(timeout=harness.VARIANT_TIMEOUT_S)
-        producer.wait(timeout=harness.VARIANT_TIMEOUT_S)
+        producer.communicate(timeout=harness.VARIANT_TIMEOUT_S)  # closes its stdin
     finally:
-        for proc in [collector, *consumers]:
+        for proc in [collector, *consumers, *([producer] if producer else [])]:
             harness.stop(proc)
     times = json.loads(out.strip().splitlines()[-1])
     return {
@@ -257,19 +261,29 @@ def _growth(bench: Bench) -> list[str]:
     """Scaling over workers and sizes: time, rates and peak RSS per kind."""
     a = bench.args
     header = (
-        f"{'run':<26} {'wall s':>7} {'e2e rec/s':>11} {'steady rec/s':>13}  "
+        f"{'run':<30} {'wall s':>7} {'e2e rec/s':>11} {'steady rec/s':>13}  "
         "peak RSS MiB: supervisor/source/worker/sink"
     )
     lines = [header, "-" * len(header)]
     runs = [
-        (f"workers {w}" if w != 2 else "orchestrator", f"{w} workers, {a.messages:,}")
+        (
+            f"workers {w}" if w != 2 else "orchestrator",
+            f"{a.messages:,} msgs, {w} workers",
+        )
         for w in a.workers
     ]
     runs += [
-        (f"messages {s}" if s != a.messages else "orchestrator", f"2 workers, {s:,}")
+        (
+            f"messages {s}" if s != a.messages else "orchestrator",
+            f"{s:,} msgs, 2 workers",
+        )
         for s in a.sizes
     ]
+    done = set()
     for name, label in runs:
+        if label in done:
+            continue
+        done.add(label)
         results = bench.results[name]
         rss = [
             median([r["rss"].get(kind, 0) for r in results]) / MiB
@@ -277,7 +291,7 @@ def _growth(bench: Bench) -> list[str]:
         ]
         e2e, steady = _rate(bench.med(name, "e2e")), _rate(bench.med(name, "steady"))
         lines.append(
-            f"{label:<26} {bench.med(name, 'wall'):>7.2f} {e2e:>11} {steady:>13}  "
+            f"{label:<30} {bench.med(name, 'wall'):>7.2f} {e2e:>11} {steady:>13}  "
             + "/".join(f"{m:.0f}" for m in rss)
         )
     return lines
