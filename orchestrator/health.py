@@ -136,10 +136,11 @@ class HealthMonitor:
             if reading is None:
                 replica.stats["status"] = "gone"
                 continue
-            self._record(replica, pid, reading, now)
-            if reading.status == psutil.STATUS_ZOMBIE:
+            if reading.status == psutil.STATUS_ZOMBIE:  # keep its last live figures
+                replica.stats["status"] = reading.status
                 self.zombies_seen += 1
                 continue
+            self._record(replica, pid, reading, now)
             verdict = self._judge(replica, pid)
             if verdict is not None:
                 verdicts.append(verdict)

@@ -776,6 +776,10 @@ class WorkerRuntime(Runtime):
                 counters["emitted"] += sum(map(len, out))
                 self._send(self.codec.encode([src, key, seq, self.name, False, out]))
                 self.unmark()
+                # Up to HWM_FRAMES frames go by before _service: a slow but
+                # healthy function must still beat once per frame, or the
+                # supervisor takes it for hung.
+                self.heartbeat()
                 if self.stopping:
                     raise Stopping
 

@@ -149,16 +149,26 @@ def chatty(record: dict[str, int], ctx: StageContext, delay: float = 0.0
 _spinning: list[bool] = []  # per process: is this the incarnation that spins?
 
 
-def spin_once(record: dict[str, int], ctx: StageContext, per_record: float = 0.001
-              ) -> dict[str, int] | None:
-    """Burn ``per_record`` s of CPU per input, in replica 0's first incarnation."""
-    if ctx.replica == 0:
-        if not _spinning:
-            marker = ctx.run_dir / f"spun-{ctx.stage}"
-            _spinning.append(not marker.exists())
-            marker.touch()
+def spin_once(record: dict[str, int], ctx: StageContext) -> dict[str, int] | None:
+    """``keep_even``; replica 0's first incarnation also starts burning CPU.
+
+    The burning happens in a thread, in hashlib (which lets go of the GIL),
+    so the stage itself stays responsive: only its CPU use is wrong.
+    """
+    if ctx.replica == 0 and not _spinning:
+        marker = ctx.run_dir / f"spun-{ctx.stage}"
+        _spinning.append(not marker.exists())
+        marker.touch()
         if _spinning[0]:
-            until = time.thread_time() + per_record
-            while time.thread_time() < until:
-                pass
+            import threading
+
+            threading.Thread(target=_burn, daemon=True).start()
     return keep_even(record, ctx)
+
+
+def _burn() -> None:
+    import hashlib
+
+    block = bytes(2**20)
+    while True:
+        hashlib.sha256(block).digest()

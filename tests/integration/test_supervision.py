@@ -189,11 +189,13 @@ def test_worker_growing_past_max_rss_is_restarted_gracefully(ws: Workspace) -> N
 
 @pytest.mark.timeout(60)
 def test_worker_spinning_past_max_cpu_is_restarted_gracefully(ws: Workspace) -> None:
+    # A slow stream keeps an ordinary worker near 1% of a core; the spinning
+    # one uses all the CPU it can get, which is well over the limit even on a
+    # machine shared with a dozen other busy processes.
     path = with_rate(ws.classic(
-        messages=20_000, worker="teststages:spin_once",
-        worker_params="per_record = 0.0005",
+        messages=1000, replicas=1, worker="teststages:spin_once",
         pipeline_extra="health_interval = 0.1",
-        worker_extra="max_cpu = 30"), 20_000, 10_000)
+        worker_extra="max_cpu = 6"), 1000, 500)
     run = Run(ws, path)
     try:
         report = run.finish()
@@ -202,10 +204,9 @@ def test_worker_spinning_past_max_cpu_is_restarted_gracefully(ws: Workspace) -> 
 
     assert report["status"] == "completed", report["failure"]
     assert entry(report, "consumer.0")["restart_reasons"] == ["max_cpu"]
-    assert entry(report, "consumer.1")["restarts"] == 0
     assert report["lost"] == 0
-    assert report["collected"] == 10_000
-    assert run.count("over max_cpu 30% for 3 samples: restarting it") == 1
+    assert report["collected"] == 500
+    assert run.count("over max_cpu 6% for 3 samples: restarting it") == 1
 
 
 @pytest.mark.timeout(60)
@@ -420,10 +421,10 @@ def test_consumers_killed_every_300_ms_all_show_as_restarts_and_counts_are_true(
     kills: list[int] = []
     try:
         run.wait_ready("producer.0", 1)
-        producer = psutil.Process(replica_pid(run, "producer.0") or 0)
-        # Kill only while the paced producer cannot possibly be done, so that
-        # no kill can land during the final stop (which is not a crash).
-        stop_killing = producer.create_time() + 0.8 * messages / rate
+        # The producer's stream starts after its ready line: kill only while
+        # it cannot possibly be done, so that no kill lands during the final
+        # stop (a stop we asked for is not a crash, and is not restarted).
+        stop_killing = run.ready("producer.0")[0][0] + 0.8 * messages / rate
         while time.time() < stop_killing and run.proc.poll() is None:
             victims = [p for p in (replica_pid(run, f"consumer.{i}") for i in (0, 1))
                        if p is not None]
@@ -438,7 +439,7 @@ def test_consumers_killed_every_300_ms_all_show_as_restarts_and_counts_are_true(
 
     consumers = [entry(report, f"consumer.{i}") for i in (0, 1)]
     reasons = [r for c in consumers for r in c["restart_reasons"]]
-    assert len(kills) >= 15
+    assert len(kills) >= 10
     assert reasons == ["SIGKILL"] * len(kills)
     for pid in kills:
         assert run.count(f"pid {pid} exited unexpectedly: SIGKILL") == 1
