@@ -538,7 +538,9 @@ class SourceRuntime(Runtime):
             self._handle_blame()
             if self.exactly_once:
                 self._redeliver()
-            if reader.queue:
+            if 0 < len(reader.queue) < self.pipeline.batch:
+                # Only a partial frame needs to know whether the source went
+                # quiet (a read of /proc); a full one goes anyway.
                 reader.observe(flush_s)
             while not self.window.full and reader.ready(flush_s):
                 self._send_records(reader.take(self.pipeline.batch))
