@@ -5,6 +5,8 @@ grace period, a replacement that never gets ready.
 
 from __future__ import annotations
 
+import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -137,3 +139,27 @@ def test_replacement_never_ready_is_killed_as_hung(
     assert replica.state == "hung"
     assert replica.error == {"kind": "hung", "message": "never ready"}
     assert stand_in.wait(timeout=10) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("writer_alive", [False, True])
+def test_dead_replicas_output_is_read_to_its_end_and_closed(
+        tmp_path: Path, writer_alive: bool) -> None:
+    sup = supervisor(tmp_path, Clock(), rss=0)
+    replica = consumer(sup, 0, "ready")
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    replica.output = read_fd
+    sup.selector.register(read_fd, selectors.EVENT_READ, None)
+    os.write(write_fd, b"".join(b"line %d\n" % n for n in range(5000)))
+    if not writer_alive:  # else: as if a child of the stage still held it
+        os.close(write_fd)
+
+    sup._drain_output(replica)
+
+    assert replica.output is None
+    assert read_fd not in [key.fd for key in sup.selector.get_map().values()]
+    with pytest.raises(OSError):
+        os.fstat(read_fd)
+    assert replica.tail[-1] == "line 4999"
+    if writer_alive:
+        os.close(write_fd)

@@ -334,8 +334,7 @@ def test_busy_port_names_the_pid_that_holds_it_and_is_not_restarted(
 @pytest.mark.timeout(120)
 def test_fifty_restarts_leave_the_supervisor_flat_and_no_zombies(
         ws: Workspace) -> None:
-    path = ws.classic(messages=10_000_000, worker="teststages:chatty",
-                      worker_params="delay = 0.001",
+    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001",
                       worker_extra="max_restarts = 1000\nbackoff = 0.0")
     run = Run(ws, path)
     try:
