@@ -393,6 +393,3 @@ def test_plain_progress_when_piped(ws: Workspace) -> None:
     progress = [line for line in result.stdout.splitlines() if " running: " in line]
     assert progress, result.stdout
     assert "consumer 2/2 ready" in progress[0]
-
-    quiet = ws.cli("run", str(path), "--json", timeout=30)
-    assert json.loads(quiet.stdout)["status"] == "completed"
