@@ -66,7 +66,7 @@ class Run:
                 found.append((at, int(match[3])))
         return found
 
-    def wait_ready(self, name: str, count: int, timeout: float = 10) -> int:
+    def wait_ready(self, name: str, count: int, timeout: float = 30) -> int:
         """Wait for the ``count``-th incarnation of ``name`` to be ready; its pid."""
         found = wait_for(lambda: len(self.ready(name)) >= count, timeout=timeout,
                          message=f"{name} ready {count} time(s)")
@@ -144,8 +144,9 @@ def test_stopped_worker_is_declared_hung_and_replaced_within_the_timeout(
     run = Run(ws, path)
     try:
         first = run.wait_ready("consumer.0", 1)
-        marker = wait_for(lambda: list((ws.path / "home").glob(
-            "*/run/stopped-consumer")), message="the worker to stop itself")[0]
+        marker = wait_for(
+            lambda: list((ws.path / "home").glob("*/run/stopped-consumer")),
+            timeout=30, message="the worker to stop itself")[0]
         stopped_at = marker.stat().st_mtime  # touched just before SIGSTOP
         second = run.wait_ready("consumer.0", 2, timeout=timeout + 5)
         report = run.finish()
@@ -244,7 +245,7 @@ def test_supervisor_answers_sigterm_while_a_replica_waits_in_backoff(
     run = Run(ws, path)
     try:
         wait_for(lambda: run.count("consumer.0 restarting in") >= 2,
-                 message="a back-off")
+                 timeout=30, message="a back-off")
         children = stage_processes(run.proc.pid)
         run.proc.send_signal(signal.SIGTERM)
         report = run.finish(timeout=20)
@@ -381,7 +382,7 @@ def test_supervisor_stopped_mid_restart_leaves_nothing_running(
         pid = run.wait_ready("consumer.0", 2)
         os.kill(pid, signal.SIGKILL)  # now 15-45 s of back-off
         wait_for(lambda: run.count("consumer.0 restarting in") >= 2,
-                 message="the back-off")
+                 timeout=30, message="the back-off")
         other = replica_pid(run, "consumer.1")
         assert other is not None
         seen = stage_processes(run.proc.pid)
@@ -401,7 +402,7 @@ def test_supervisor_stopped_mid_restart_leaves_nothing_running(
                  and p.status() != psutil.STATUS_ZOMBIE]
         return not alive and not orchestrator_processes("orchestrator: midrestart ")
 
-    wait_for(nothing_left, timeout=5, message="every stage process to be gone")
+    wait_for(nothing_left, timeout=10, message="every stage process to be gone")
 
 
 # -- the done-when run ----------------------------------------------------------------
