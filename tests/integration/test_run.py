@@ -162,16 +162,18 @@ def test_stage_processes_carry_a_title(ws: Workspace) -> None:
     proc = ws.popen("run", str(path))
     try:
         wait_for(lambda: len(stage_processes(proc.pid)) == 4, message="4 stages")
-        titles = wait_for(
-            lambda: sorted(
-                " ".join(p.cmdline()).strip()
-                for p in stage_processes(proc.pid)
-                if "orchestrator: titled" in " ".join(p.cmdline())
-            ),
-            message="titles",
-        )
-        assert "orchestrator: titled consumer.1" in titles
-        assert "orchestrator: titled collector.0" in titles
+
+        def titles() -> list[str]:
+            found = sorted(
+                " ".join(p.cmdline()).strip() for p in stage_processes(proc.pid)
+            )
+            expected = {"consumer.0", "consumer.1", "collector.0", "producer.0"}
+            named = {t.rsplit(" ", 1)[-1] for t in found if "titled" in t}
+            return found if named == expected else []
+
+        found = wait_for(titles, message="every stage's title")
+        assert "orchestrator: titled consumer.1" in found
+        assert "orchestrator: titled collector.0" in found
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
@@ -185,7 +187,7 @@ def test_busy_port_is_reported_with_its_endpoint(ws: Workspace) -> None:
     holder.listen()
     port = holder.getsockname()[1]
     try:
-        path = ws.classic(messages=100)
+        path = ws.classic(messages=100, name=f"busy{port}")
         result = ws.cli(
             "run",
             str(path),
@@ -199,7 +201,7 @@ def test_busy_port_is_reported_with_its_endpoint(ws: Workspace) -> None:
     assert result.returncode == 1
     assert f"tcp://127.0.0.1:{port}" in result.stderr + result.stdout
     assert "in use" in (result.stderr + result.stdout).lower()
-    assert not orchestrator_processes("orchestrator: t ")
+    assert not orchestrator_processes(f"orchestrator: busy{port} ")
 
 
 def test_crashing_stage_fails_the_run_naming_it_and_its_exit_code(
