@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -63,6 +64,10 @@ HELLO_TIMEOUT_S = 10.0
 # their last bytes (a final heartbeat, a traceback) before we stop waiting.
 # A node that vanished never closes its connections; this bounds that case.
 DRAIN_S = 2.0
+# The first actors start new Python workers (each imports Ray: seconds on a
+# busy host); placement was checked before, so waiting longer is safe.
+# A restart blocks the supervisor's loop: it waits ready_timeout at most.
+FIRST_START_S = 60.0
 # How long the cluster's address may take to accept a TCP connection.
 PROBE_S = 5.0
 # ray.wait timeout of the waiter thread, so it picks up new actors promptly.
@@ -74,6 +79,8 @@ RESOURCE_SHARE = 0.001
 # it: the supervisor (its health checks) must not take its pid for the pid
 # of a process here.
 PID_LIMIT = 2**22
+# Ids of starts that never got an actor: above those of any host's replicas.
+FAILED_IDS = PID_LIMIT * 2**10
 
 _HEADER = struct.Struct("!I")
 _encode = msgspec.msgpack.Encoder().encode
@@ -257,6 +264,7 @@ class RayLauncher:
         self.pending: dict[tuple[str, int], _Incarnation] = {}
         self.running: dict[Any, _Incarnation] = {}
         self.ended: list[tuple[int, int]] = []
+        self.failed_starts = itertools.count(1)
         self.nodes_of: dict[int, str] = {}  # for the report, after exits too
         self.closed = False
         self._threads = [
@@ -366,7 +374,10 @@ class RayLauncher:
             for index in range(stage.replicas)
         ]
         actors = [self._new_actor(stage) for stage, _ in wanted]
-        hellos = self._hello(actors, [f"{s.name}.{i}" for s, i in wanted])
+        names = [f"{s.name}.{i}" for s, i in wanted]
+        hellos = self._hello(
+            actors, names, max(FIRST_START_S, self.pipeline.ready_timeout)
+        )
         return {
             (stage.name, index): (actor, *hello)
             for (stage, index), actor, hello in zip(wanted, actors, hellos, strict=True)
@@ -377,8 +388,9 @@ class RayLauncher:
         actor_class: Any = ReplicaActor  # ray.remote made it an ActorClass
         return actor_class.options(**options).remote()
 
-    def _hello(self, actors: list[Any], names: list[str]) -> list[tuple[int, str, str]]:
-        timeout = self.pipeline.ready_timeout
+    def _hello(
+        self, actors: list[Any], names: list[str], timeout: float
+    ) -> list[tuple[int, str, str]]:
         try:
             return list(ray.get([a.hello.remote() for a in actors], timeout=timeout))
         except ray.exceptions.GetTimeoutError as exc:
@@ -390,6 +402,8 @@ class RayLauncher:
                 "(does the placement fit the cluster?)",
             ) from exc
         except ray.exceptions.RayError as exc:
+            for actor in actors:
+                ray.kill(actor)
             raise ClusterError(self.address, f"{', '.join(names)}: {exc}") from exc
 
     # -- the launcher ---------------------------------------------------------
@@ -400,7 +414,11 @@ class RayLauncher:
         found = self.warm.pop((stage.name, spec.replica), None)
         if found is None:
             actor = self._new_actor(stage)
-            found = (actor, *self._hello([actor], [name])[0])
+            try:
+                hello = self._hello([actor], [name], self.pipeline.ready_timeout)
+                found = (actor, *hello[0])
+            except ClusterError as exc:
+                return self._failed_start(name, exc)
         actor, pid, node, boot = found
 
         read_fd, write_fd = os.pipe()
@@ -431,6 +449,19 @@ class RayLauncher:
         here = "" if inc.ident == pid else f" (id {inc.ident} here)"
         log.info("%s pid %d on node %s%s", name, pid, node, here)
         return inc.ident, read_fd
+
+    def _failed_start(self, name: str, exc: ClusterError) -> tuple[int, int]:
+        """A restart whose actor could not start (its node was dying, the
+        cluster is full): an immediate exit 1, so that the stage's restart
+        policy and back-off decide what comes next, as for a crash."""
+        log.warning("%s: no actor started: %s", name, exc.reason)
+        read_fd, write_fd = os.pipe()
+        os.close(write_fd)  # no output: EOF at once
+        with self.lock:
+            ident = FAILED_IDS + next(self.failed_starts)
+            self.ended.append((ident, 1 << 8))
+        os.kill(os.getpid(), signal.SIGCHLD)
+        return ident, read_fd
 
     def _curve(self, stage: Stage) -> Any:
         if self.keys is None:

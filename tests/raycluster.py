@@ -45,23 +45,40 @@ class RayCluster:
     started_in: float = 0.0
 
     def stop(self) -> None:
-        """SIGTERM each `ray start --block` we started, then SIGKILL what is
-        left of their process trees."""
-        ours: list[psutil.Process] = []
-        for node in self.nodes:
+        """Stop the worker nodes, then the head."""
+        for index in reversed(range(len(self.nodes))):
+            self.stop_node(index)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL a node's whole process tree at once, as if its host died."""
+        node = self.nodes[index]
+        try:
+            tree = psutil.Process(node.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        for proc in [psutil.Process(node.pid), *tree]:
             try:
-                ours += psutil.Process(node.pid).children(recursive=True)
+                proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        for node in reversed(self.nodes):
-            if node.poll() is None:
-                node.send_signal(signal.SIGTERM)
-        for node in reversed(self.nodes):
-            try:
-                node.wait(timeout=NODE_STOP_S)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
+        node.wait()
+        psutil.wait_procs(tree, timeout=5)
+
+    def stop_node(self, index: int) -> None:
+        """SIGTERM a `ray start --block` we started (it stops its node's
+        processes), then SIGKILL whatever is left of its process tree."""
+        node = self.nodes[index]
+        try:
+            ours = psutil.Process(node.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            ours = []
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=NODE_STOP_S)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
         _gone, alive = psutil.wait_procs(ours, timeout=5)
         for proc in alive:
             try:

@@ -84,6 +84,15 @@ pull = {{ bind = "tcp://127.0.0.1:{results}" }}
 """)
 
 
+def _report(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        return dict(json.loads(result.stdout))
+    except ValueError:
+        raise AssertionError(
+            f"no report (exit {result.returncode}):\n{result.stderr[-4000:]}"
+        ) from None
+
+
 def _assert_exact(report: dict[str, Any], messages: int) -> None:
     assert report["status"] == "completed", report.get("failure")
     assert report["produced"] == messages
@@ -111,7 +120,7 @@ def test_default_pipeline_runs_on_two_nodes_with_exact_counts(
         "--set", f'stages.collector.pull.bind="tcp://127.0.0.1:{results}"',
         timeout=120,
     )  # fmt: skip
-    report = json.loads(result.stdout)
+    report = _report(result)
 
     assert result.returncode == 0, result.stderr
     assert report["status"] == "completed"
@@ -198,7 +207,7 @@ def test_stage_with_a_wrong_curve_key_is_refused(
         text=True,
         timeout=120,
     )
-    report = json.loads(result.stdout)
+    report = _report(result)
 
     assert report["status"] == "failed"
     assert "consumer" in report["failure"]
@@ -241,3 +250,60 @@ supervisor = Supervisor(
 supervisor.run(timeout=60)
 print(json.dumps(report.build(supervisor), default=str))
 """
+
+
+# Last in the module: it takes the worker node away from the shared cluster.
+@pytest.mark.timeout(240)
+def test_replicas_of_a_lost_node_are_restarted_on_another(
+    ws: Workspace, cluster: RayCluster
+) -> None:
+    ws = _ray_ws(ws, cluster)
+    # Ray declares a node dead after its health checks fail (~15 s here):
+    # the run must still be going by then.
+    messages = 20_000
+    path = _ray_pipeline(ws, cluster, messages, 500)
+    text = path.read_text().replace(
+        f'placement = {{ node = "{WORKER}" }}', "placement = { spread = true }"
+    )
+    path.write_text(text)
+    proc = ws.popen("run", "--report", str(ws.path / "report.json"), str(path))
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stderr.readline, "")),  # type: ignore[union-attr]
+        daemon=True,
+    )
+    reader.start()
+
+    def on_worker_node() -> list[str]:
+        if not any("all stages ready" in line for line in list(lines)):
+            return []
+        return [
+            line.split()[2]
+            for line in list(lines)
+            if line.split()[2:3] and line.split()[2].startswith("consumer.")
+            and f"on node {WORKER}" in line
+        ]  # fmt: skip
+
+    try:
+        lost = wait_for(on_worker_node, timeout=90, message="a consumer on node 2")
+    except AssertionError:
+        proc.kill()
+        raise AssertionError("".join(lines[-40:])) from None
+    time.sleep(1.0)
+    cluster.kill_node(1)  # the worker node's host "dies"
+    proc.wait(timeout=150)
+    reader.join(timeout=5)
+    saved = ws.path / "report.json"
+    assert saved.exists(), f"exit {proc.returncode}:\n{''.join(lines[-40:])}"
+    report = json.loads(saved.read_text())
+
+    _assert_exact(report, messages)
+    for name in lost:
+        stage, index = name.split(".")
+        entry = next(
+            w
+            for w in report["workers"]
+            if w["stage"] == stage and w["replica"] == int(index)
+        )
+        assert entry["restarts"] >= 1, (entry, "".join(lines[-30:]))
+        assert entry["node"] == HEAD
