@@ -108,9 +108,14 @@ def test_up_status_scale_restart_wait_cycle_loses_nothing(
 ) -> None:
     ws.write(GATED, "gated.py")
     release = ws.path / "release"
-    path = ws.classic(messages=1000, pipeline_extra="redelivery_timeout = 3.0")
+    # Workers slower than the stream, so that each holds queued work when it
+    # is removed; a small window keeps the backlog (and the drain) short, and
+    # its latency (about 1 s) well under the redelivery timeout (10 s).
+    path = ws.classic(
+        messages=1000, worker_params="delay = 0.001", pipeline_extra="window = 2000"
+    )
     text = path.read_text().replace('"teststages:numbers"', '"gated:until_released"')
-    params = f'params = {{ release = "{release}" }}'
+    params = f'params = {{ release = "{release}", rate = 6000 }}'
     path.write_text(text.replace("params = { messages = 1000 }", params))
     pid = _up(ws, path, daemons)
 
@@ -155,6 +160,7 @@ def test_up_status_scale_restart_wait_cycle_loses_nothing(
     assert final["collected"] == produced // 2
     assert final["lost"] == 0
     assert final["summary"]["sum"] == sum(range(0, produced, 2))
+    assert final["redelivered"] > 0  # what the removed replicas held came back
     assert set(final["per_consumer"]) == {"0", "1", "2", "3"}
     retired = sorted((w["stage"], w["replica"]) for w in final["retired"])
     assert retired == [("consumer", 2), ("consumer", 3)]
