@@ -50,15 +50,18 @@ from .errors import (
 from .metrics import Metrics
 from .supervisor import Replica, Supervisor
 
+# "\b" keeps click from re-flowing a paragraph: one example per line.
 EXAMPLES = """
 Examples:
 
+\b
   orchestrator run                          # ./pipeline.toml, report at the end
   orchestrator run --json > report.json     # machine-readable report on stdout
   orchestrator run --set stages.producer.params.messages=1000000
   orchestrator check pipeline.toml          # validate and print the plan
   orchestrator run --timeout 120 --expect collected=10000 --junit smoke.xml
 
+\b
   orchestrator up                           # in the background, once ready
   orchestrator status                       # exit 0 only if every stage is up
   orchestrator scale consumer=4             # live, without touching the rest
