@@ -393,7 +393,7 @@ class Supervisor:
             slot=replica.slot,
             src_id=self.sources.index(replica) if replica in self.sources else -1,
             ack_endpoint=self.ack_endpoint(),
-            expected_peers=topology.expected_peers(self.pipeline, replica.stage),
+            expected_peers=self._expected_peers(replica.stage),
             epoch=replica.epoch,
         )
         pid, output = self.launcher.spawn(spec, os.getpid())
@@ -453,6 +453,8 @@ class Supervisor:
         if replica.stop_requested:
             replica.state = "stopped"
             log.debug("%s stopped (%s)", replica.name, replica.exit)
+            if replica.after_stop is not None:
+                self._after_requested_stop(replica, busy, src, key)
             return
         error = replica.error or {}
         reason = replica.exit
@@ -480,8 +482,6 @@ class Supervisor:
         elif busy:
             blame = {"src": src, "key": key}
         if blame is not None:
-            if replica.after_stop is not None:
-                self._after_requested_stop(replica, busy, src, key)
             blame["reason"] = replica.exit
             blame["detail"] = error.get("traceback") or "\n".join(replica.tail)
         for source in self.sources:
@@ -657,27 +657,6 @@ class Supervisor:
         self.failed_replica = replica
         log.error("giving up: %s", self.failure)
 
-    # -- completion -----------------------------------------------------------
-
-    def produced(self) -> int:
-        return sum(int(r.total("produced")) for r in self.sources)
-
-    def counted(self) -> int:
-        return sum(int(r.total("counted")) for r in self.sinks)
-
-    def quarantined(self) -> int:
-        return sum(int(r.total("quarantined")) for r in self.sources)
-
-    def _finished(self) -> bool:
-        if not self.sources or not all(
-            r.counters.get("exhausted") or r.totals.get("exhausted")
-            for r in self.sources
-        ):
-            return False
-        if self.pipeline.exactly_once:
-            return all(r.counters.get("done") for r in self.sources)
-        if self.counted() >= self.produced():
-            return True
     # -- live changes: orchestrator scale and restart ------------------------
 
     def live_replicas(self, stage: Stage) -> list[Replica]:
@@ -685,6 +664,20 @@ class Supervisor:
         return [
             r for r in self.replicas if r.stage is stage and r.after_stop != "retire"
         ]
+
+    def _expected_peers(self, stage: Stage) -> int:
+        """``topology.expected_peers``, counting the replicas there are now.
+
+        After `orchestrator scale`, a restarted source must wait for the
+        workers that exist, not for the number in the file.
+        """
+        if stage.push is None or stage.push.bind is None:
+            return topology.expected_peers(self.pipeline, stage)
+        return sum(
+            len(self.live_replicas(other))
+            for other in self.pipeline.stages
+            if other.pull is not None and stage.push.bind in other.pull.connect
+        )
 
     def add_replica(self, stage: Stage) -> Replica:
         """Spawn one more replica of ``stage`` while the pipeline runs.
@@ -730,6 +723,27 @@ class Supervisor:
             replica.log_handler.close()
             log.info("%s retired", replica.name)
 
+    # -- completion -----------------------------------------------------------
+
+    def produced(self) -> int:
+        return sum(int(r.total("produced")) for r in self.sources)
+
+    def counted(self) -> int:
+        return sum(int(r.total("counted")) for r in self.sinks)
+
+    def quarantined(self) -> int:
+        return sum(int(r.total("quarantined")) for r in self.sources)
+
+    def _finished(self) -> bool:
+        if not self.sources or not all(
+            r.counters.get("exhausted") or r.totals.get("exhausted")
+            for r in self.sources
+        ):
+            return False
+        if self.pipeline.exactly_once:
+            return all(r.counters.get("done") for r in self.sources)
+        if self.counted() >= self.produced():
+            return True
         return self.clock() - self.last_progress > SETTLE_S
 
     def _lost(self) -> int:

@@ -183,8 +183,12 @@ def test_stop_ends_an_endless_pipeline_and_status_says_not_running(
 ) -> None:
     path = _endless(ws)
     pid = _up(ws, path, daemons)
+    # A source restarted after a scale waits for the workers there are now.
+    assert ws.cli("scale", "consumer=1", "-p", str(path), timeout=30).returncode == 0
+    restarted = ws.cli("restart", "producer", "-p", str(path), timeout=30)
+    assert restarted.returncode == 0, restarted.stderr
     stages = stage_processes(pid)
-    assert len(stages) == 4
+    assert len(stages) == 3
 
     stopped = ws.cli("stop", str(path), "--timeout", "5", timeout=30)
 
