@@ -207,7 +207,9 @@ def test_stage_with_a_wrong_curve_key_is_refused(
         text=True,
         timeout=120,
     )
-    report = _report(result)
+    saved = tmp_path / "report.json"
+    assert saved.exists(), f"exit {result.returncode}:\n{result.stderr[-4000:]}"
+    report = json.loads(saved.read_text())
 
     assert report["status"] == "failed"
     assert "consumer" in report["failure"]
@@ -248,7 +250,7 @@ supervisor = Supervisor(
     launcher=WrongKeyLauncher(pipeline, out / "run"),
 )
 supervisor.run(timeout=60)
-print(json.dumps(report.build(supervisor), default=str))
+(out / "report.json").write_text(json.dumps(report.build(supervisor), default=str))
 """
 
 
