@@ -15,6 +15,11 @@ in the replacement itself).  Medians of ``--kills`` rounds, side by side:
 * ``plain Popen``: plain_launcher.py; after the kill the launcher blocks in
   ``wait()`` and then starts a fresh interpreter with ``subprocess.Popen``.
 
+Between "ready" and "receiving" our replacement waits for a frame: the
+source sends up to ``batch`` (1000) inputs per frame, so at 20,000 inputs/s
+a busy source fills one every 50 ms and deals them in turn to the two
+consumers.  The baseline sends one message per input and has no such wait.
+
     python benchmarks/restart_latency.py --kills 12
 """
 
