@@ -83,10 +83,10 @@ class Replica:
     exit: str | None = None
     exit_code: int | None = None
     stop_requested: bool = False
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     # What a stop we asked for leads to: None (stay stopped), "restart"
     # (orchestrator restart) or "retire" (orchestrator scale, going down).
     after_stop: str | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     partial: bytes = b""
     restart_at: float | None = None
     pending_reason: str | None = None
@@ -104,24 +104,35 @@ class Replica:
         return self.pid is not None
 
     def total(self, key: str) -> Any:
-        """A counter over all incarnations of this replica."""
-        value = self.counters.get(key, self.totals.get(key, 0) and None)
+        """A counter over all incarnations of this replica.
+
+        Most counters restart at zero with each incarnation and add up.  A
+        source's position in its stream, and what a sink has counted, are
+        states: a restarted source resumes from the sink's record and a
+        restarted sink replays its ledger (or, without one, has lost what
+        it held), so the newest incarnation's value is the truth.
+        """
+        value = self.counters.get(key)
         if value is None:  # not reported by the current incarnation yet
-            return self.totals[key]
+            return self.totals.get(key, 0)
         if isinstance(value, bool):
+            return value
+        if key in _STATE_COUNTERS.get(self.stage.role, ()):
+            if self.stage.role == "source":  # regenerating from 0 after restart
+                return max(value, self.totals.get(key, 0))
             return value
         if isinstance(value, dict):
             merged = dict(self.totals.get(key, {}))
             for k, v in value.items():
                 merged[k] = merged.get(k, 0) + v
             return merged
-        if self.stage.role == "source" and key in _ABSOLUTE_SOURCE_COUNTERS:
-            return max(value, self.totals.get(key, 0))
         return self.totals.get(key, 0) + value
 
 
-# Sources resume where they were: these counters are positions, not deltas.
-_ABSOLUTE_SOURCE_COUNTERS = {"produced", "acked", "quarantined"}
+_STATE_COUNTERS = {
+    "source": {"produced", "acked", "quarantined"},
+    "sink": {"counted", "results", "per_via"},
+}
 
 
 class Supervisor:
