@@ -280,7 +280,9 @@ def load(
     check = _Checker(source)
     top = check.table(source.data, (), {"pipeline", "stages"})
     pipeline = _pipeline(check, top, source, tuple(overrides))
-    if not check.problems:
+    # Report every problem at once: the wiring can be judged unless a socket
+    # or a whole stage is itself broken, and imports can always be tried.
+    if not any(_breaks_wiring(p) for p in check.problems):
         check.problems.extend(topology.validate(pipeline, source))
     if not check.problems and pipeline.backend == "ray":
         check.problems.extend(_ray_problems(pipeline, source))
@@ -289,11 +291,20 @@ def load(
             ("pipeline", "curve"),
             'CURVE secures traffic between hosts: it needs backend = "ray"',
         )
-    if not check.problems and resolve is not None:
+    if resolve is not None:
         check.problems.extend(resolve(pipeline, source))
     if check.problems:
-        raise ConfigError(check.problems)
+        raise ConfigError(sorted(check.problems, key=_reading_order))
     return pipeline
+
+
+def _breaks_wiring(problem: Problem) -> bool:
+    parts = problem.key.split(".") if problem.key else []
+    return len(parts) <= 2 or parts[2] in ("pull", "push")
+
+
+def _reading_order(problem: Problem) -> tuple[bool, int]:
+    return problem.source.startswith("--set"), problem.line or 0
 
 
 def _pipeline(

@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import signal
+import socket
 import struct
 import threading
 import time
@@ -87,6 +88,26 @@ class ReplicaSpec:
     expected_peers: int
     epoch: int  # how many times this replica was started before
     curve: Curve | None = None  # CURVE keys, when data crosses hosts (ray)
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """Is a process listening on this ipc:// endpoint's socket file?
+
+    Binding an ipc endpoint replaces the file of a live one without an
+    error, silently stealing its peers; a TCP port would refuse.  A file
+    nobody listens on is a leftover and may be replaced.
+    """
+    path = endpoint.removeprefix("ipc://")
+    if not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def ack_identity(src: int) -> bytes:
@@ -159,6 +180,7 @@ class Runtime:
         self.push: zmq.Socket[bytes] | None = None
         self.acks: zmq.Socket[bytes] | None = None
         self.auth: ThreadAuthenticator | None = None
+        self.bound_ipc: list[str] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -181,8 +203,19 @@ class Runtime:
         if self.spec.curve is not None:
             secure(sock, self.spec.curve, server=bool(spec.bind))
         if spec.bind:
+            if spec.bind.startswith("ipc://") and ipc_in_use(spec.bind):
+                self._fatal(
+                    "bind",
+                    f"cannot bind {spec.bind}: Address already in use "
+                    "(another process is listening on it)",
+                    endpoint=spec.bind,
+                    errno=errno.EADDRINUSE,
+                )
             try:
                 sock.bind(spec.bind)
+                self.bound_ipc.extend(
+                    [spec.bind] if spec.bind.startswith("ipc") else []
+                )
             except zmq.ZMQError as exc:
                 holder = None
                 if exc.errno == errno.EADDRINUSE:
@@ -374,6 +407,9 @@ class Runtime:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        for endpoint in self.bound_ipc:  # ZeroMQ leaves the socket file behind
+            with contextlib.suppress(OSError):
+                os.unlink(endpoint.removeprefix("ipc://"))
 
 
 # -- sources -------------------------------------------------------------------
@@ -880,6 +916,7 @@ class SinkRuntime(Runtime):
                     self.mark(*where)
                 yield accepted  # resumed once the user has taken them all
                 self.unmark()
+                self.heartbeat()  # a slow sink function is not a hung one
             # The user has seen the records; make them durable, then say so.
             # A crash before the commit loses nothing: the ledger replays only
             # what was committed, and the sources send the rest again.
@@ -927,18 +964,21 @@ class SinkRuntime(Runtime):
         per_via[via] = per_via.get(via, 0) + results
 
     def _replay(self) -> Iterator[list[Any]]:
+        """What the ledger holds, a logged frame at a time, heartbeating.
+
+        A long replay is progress, not a hang; beating between frames, as in
+        normal operation, keeps a restarted sink from being killed as hung.
+        """
         assert self.ledger is not None
         replayed = 0
-        out: list[Any] = []
         for src, lo, hi, frame_seq, data in self.ledger.replay():
             _, _, _, via, flat, items = self.codec.decode_frame(data)
             self.seen.setdefault(src, SeqSet()).add(lo, hi)
+            out: list[Any] = []
             self._take(items, lo - frame_seq, hi - frame_seq, flat, via, out)
             replayed += hi - lo
-            if len(out) > 10_000:
-                yield out
-                out = []  # not clear(): the user may still be reading it
-        yield out
+            yield out
+            self.heartbeat()
         if replayed:
             log.info(
                 "%s replayed %d counted inputs from its ledger", self.name, replayed

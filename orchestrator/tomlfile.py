@@ -88,6 +88,10 @@ def read(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSou
     """Parse ``path`` and apply ``--set KEY=VALUE`` overrides to it."""
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [Problem(str(path), None, "", "cannot read: not UTF-8 text")]
+        ) from exc
     except OSError as exc:
         raise ConfigError(
             [Problem(str(path), None, "", f"cannot read: {exc.strerror}")]

@@ -80,8 +80,6 @@ def validate(pipeline: Pipeline, source: PipelineSource) -> list[Problem]:
                 f"one endpoint; let it connect and bind on the other side",
             )
 
-    if problems:
-        return problems
     cycle = _find_cycle(pipeline)
     if cycle:
         loop = " -> ".join(cycle)

@@ -225,3 +225,31 @@ def test_sizes_parse() -> None:
     assert config.parse_size("1.5 GB") == 1_500_000_000
     assert config.parse_size(1024) == 1024
     assert config.parse_size("lots") is None
+
+
+def test_problems_of_every_kind_are_reported_together_in_line_order(
+    tmp_path: Path,
+) -> None:
+    text = (
+        GOOD.replace("replicas = 2", "replics = 2")
+        .replace(
+            'push = { connect = "ipc:///tmp/x-results" }',
+            'push = { connect = "ipc:///tmp/x-elsewhere" }',
+        )
+        .replace("stages.classic:collect", "stages.classic:no_such_function")
+    )
+    found = problems(tmp_path, text)
+    assert any("stages.consumer.replics: unknown key" in p for p in found)
+    assert any("nobody binds ipc:///tmp/x-elsewhere" in p for p in found)
+    assert any("nothing pushes to ipc:///tmp/x-results" in p for p in found)
+    assert any("no 'no_such_function'" in p for p in found)
+    lines = [int(p.split(":")[1]) for p in found]
+    assert lines == sorted(lines)
+
+
+def test_a_binary_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.toml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value.problems[0]).endswith("cannot read: not UTF-8 text")

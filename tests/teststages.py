@@ -103,8 +103,12 @@ def fan_out(record: dict[str, int], ctx: StageContext) -> list[dict[str, int]]:
 _bloating: list[bool] = []  # per process: is this the incarnation that bloats?
 
 
-def bloat_once(record: dict[str, int], ctx: StageContext, per_record: int = 100_000,
-               limit: int = 300 * 2**20) -> dict[str, int] | None:
+def bloat_once(
+    record: dict[str, int],
+    ctx: StageContext,
+    per_record: int = 100_000,
+    limit: int = 300 * 2**20,
+) -> dict[str, int] | None:
     """Hold ``per_record`` more bytes per record, in replica 0's first incarnation.
 
     The bytes are written (not calloc'ed zero pages), so they count in RSS;
@@ -128,8 +132,9 @@ def exit_at_once_saying(record: Any, ctx: StageContext) -> None:
     raise SystemExit(1)
 
 
-def numbers_then_raise(ctx: StageContext, messages: int = 1000, fail_at: int = 500,
-                       rate: float = 0.0) -> Iterator[dict[str, int]]:
+def numbers_then_raise(
+    ctx: StageContext, messages: int = 1000, fail_at: int = 500, rate: float = 0.0
+) -> Iterator[dict[str, int]]:
     """Like ``numbers``, but the generator raises at ``fail_at``, every time."""
     for record in numbers(ctx, messages, rate):
         if record["num"] == fail_at:
@@ -137,8 +142,9 @@ def numbers_then_raise(ctx: StageContext, messages: int = 1000, fail_at: int = 5
         yield record
 
 
-def chatty(record: dict[str, int], ctx: StageContext, delay: float = 0.0
-           ) -> dict[str, int] | None:
+def chatty(
+    record: dict[str, int], ctx: StageContext, delay: float = 0.0
+) -> dict[str, int] | None:
     """``keep_even`` that writes a line to stderr for every input."""
     import sys
 
@@ -172,3 +178,16 @@ def _burn() -> None:
     block = bytes(2**20)
     while True:
         hashlib.sha256(block).digest()
+
+
+def slow_count(
+    records: Iterable[dict[str, Any]], ctx: StageContext, delay: float = 0.0001
+) -> dict[str, Any]:
+    """Like count, at most 1/delay records a second (also while replaying)."""
+
+    def paced() -> Iterator[dict[str, Any]]:
+        for record in records:
+            time.sleep(delay)
+            yield record
+
+    return count(paced(), ctx)

@@ -271,3 +271,26 @@ def test_undecodable_message_goes_to_the_dead_letter_file(ws: Workspace) -> None
     assert len(entries) == 1
     assert entries[0]["stage"] == "collector"
     assert "undecodable" in entries[0]["error"]
+
+
+@pytest.mark.timeout(90)
+def test_a_collector_replaying_a_long_ledger_is_not_taken_for_hung(
+    ws: Workspace,
+) -> None:
+    # Small frames keep each frame's work far below the heartbeat timeout;
+    # the replay of all of them together takes far longer than it.
+    messages = 10_000
+    text = chaos_pipeline(ws, messages, pipeline_extra="batch = 50").replace(
+        'call = "teststages:count"',
+        'call = "teststages:slow_count"\nheartbeat_timeout = 0.5\n'
+        "params = { delay = 0.0005 }",
+    )
+    proc = start(ws, text)
+    wait_for_replicas(proc, "producer", 1)
+    time.sleep(2.5)  # over a thousand results counted: over 0.5 s to replay
+    replicas_of(proc, "collector")[0].kill()
+    report = finish(proc)
+
+    assert_exact(report, messages)
+    collector = next(w for w in report["workers"] if w["stage"] == "collector")
+    assert collector["restart_reasons"] == ["SIGKILL"]  # and never "hung"

@@ -218,3 +218,27 @@ def test_crashing_stage_fails_the_run_naming_it_and_its_exit_code(
     assert report["status"] == "failed"
     assert "consumer." in report["failure"]
     assert "exit 1" in report["failure"]
+
+
+def test_an_ipc_endpoint_in_use_is_refused_not_stolen(ws: Workspace) -> None:
+    import socket
+
+    path = ws.endpoint("results").removeprefix("ipc://")
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    holder.bind(path)
+    holder.listen()
+    try:
+        result = ws.cli("run", str(ws.classic(messages=100, name="ipcbusy")))
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert f"cannot bind {ws.endpoint('results')}: Address already in use" in (
+        result.stderr + result.stdout
+    )
+    assert not orchestrator_processes("orchestrator: ipcbusy ")
+
+
+def test_bound_ipc_socket_files_are_removed_after_a_run(ws: Workspace) -> None:
+    code, report = ws.run_json(str(ws.classic(messages=100)))
+    assert code == 0, report
+    assert not list(ws.path.glob("*.sock"))
