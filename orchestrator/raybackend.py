@@ -511,7 +511,8 @@ class RayLauncher:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
         self.listener.close()
         for thread in self._threads:
-            thread.join(timeout=2.0)
+            # The waiter may be draining a replica; Ray must outlive its calls.
+            thread.join(timeout=2 * DRAIN_S + WAIT_POLL_S + 1.0)
         ray.shutdown()
 
     # -- exits ----------------------------------------------------------------
@@ -526,6 +527,8 @@ class RayLauncher:
                 continue
             done, _ = ray.wait(refs, num_returns=1, timeout=WAIT_POLL_S)
             for ref in done:
+                if self.closed:  # the supervisor has stopped reaping
+                    return
                 with self.lock:
                     inc = self.running.pop(ref)
                     self.pending.pop((inc.name, inc.epoch), None)
