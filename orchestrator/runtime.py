@@ -126,10 +126,18 @@ class Stopping(Exception):
 class UserError(Exception):
     """The stage function raised; carries the formatted traceback."""
 
-    def __init__(self, text: str, where: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        text: str,
+        where: tuple[int, int, int] | None = None,
+        setup: bool = False,
+    ) -> None:
         super().__init__(text)
         self.text = text
         self.where = where  # (src, key, seq) of the input, when known
+        # Raised before any record (a source rejecting its params): running
+        # it again would raise again, so the stage fails instead of looping.
+        self.setup = setup
 
 
 # A worker's "no result" in its output frame: one shared list, which is safe
@@ -564,7 +572,7 @@ class SourceRuntime(Runtime):
         try:
             records = fn(self.context(), **self.stage.params)
         except Exception as exc:
-            raise UserError(_user_traceback(exc)) from exc
+            raise UserError(_user_traceback(exc), setup=True) from exc
         reader = _Reader(records, self.pipeline.batch, self._wake_w)
         reader.start()
         flush_s = self.pipeline.flush_ms / 1000.0
@@ -1072,6 +1080,6 @@ def run_replica(spec: ReplicaSpec) -> int:
             message["src"], message["key"], message["seq"] = exc.where
         runtime.channel.send_blocking(message)
         print(exc.text, end="", flush=True)
-        return EXIT_EXCEPTION
+        return EXIT_SETUP if exc.setup else EXIT_EXCEPTION
     finally:
         runtime.close()

@@ -19,6 +19,15 @@ def produce(
     With ``rate`` (messages per second) the stream is paced to that rate,
     which makes an endless pipeline something one can watch and scale.
     """
+    if messages < 0 or rate < 0:  # checked now, not when the stream is read
+        raise ValueError(
+            f"messages must be 0 (endless) or more and rate 0 (unpaced) or "
+            f"more; got messages={messages}, rate={rate}"
+        )
+    return _numbers(messages, rate)
+
+
+def _numbers(messages: int, rate: float) -> Iterator[dict[str, int]]:
     numbers = itertools.count() if messages == 0 else range(messages)
     started = time.monotonic()
     for num in numbers:

@@ -242,3 +242,12 @@ def test_bound_ipc_socket_files_are_removed_after_a_run(ws: Workspace) -> None:
     code, report = ws.run_json(str(ws.classic(messages=100)))
     assert code == 0, report
     assert not list(ws.path.glob("*.sock"))
+
+
+def test_a_negative_message_count_fails_the_run_with_a_message(ws: Workspace) -> None:
+    args = ["--set", "stages.producer.params.messages=-5", *_private_endpoints(ws)]
+    code, report = ws.run_json(str(ROOT / "pipeline.toml"), *args)
+
+    assert code == 1
+    assert report["status"] == "failed"
+    assert "messages must be 0 (endless) or more" in report["failed_stage"]["traceback"]
