@@ -321,8 +321,10 @@ def test_metrics_endpoint_serves_per_stage_counters(
         return text if line and float(line.split()[-1]) > 0 else None
 
     text = wait_for(scraped, timeout=10, message="consumer inputs in the metrics")
-    assert 'orchestrator_stage_replicas{pipeline="t",stage="consumer",state="ready"}' \
-        ' 2.0' in text
+    assert (
+        'orchestrator_stage_replicas{pipeline="t",stage="consumer",state="ready"}'
+        " 2.0" in text
+    )
     assert "orchestrator_stage_rss_bytes" in text
     assert "orchestrator_stage_restarts" in text
     assert ws.cli("stop", str(path), timeout=30).returncode == 0
@@ -333,8 +335,17 @@ def test_expect_mismatch_fails_with_a_message_a_report_and_junit(
 ) -> None:
     path = ws.classic(messages=2000)
     result = ws.cli(
-        "run", str(path), "--quiet", "--expect", "collected=999",
-        "--expect", "lost=0", "--report", "out.json", "--junit", "junit.xml",
+        "run",
+        str(path),
+        "--quiet",
+        "--expect",
+        "collected=999",
+        "--expect",
+        "lost=0",
+        "--report",
+        "out.json",
+        "--junit",
+        "junit.xml",
     )
 
     assert result.returncode == 1
@@ -350,15 +361,25 @@ def test_expect_mismatch_fails_with_a_message_a_report_and_junit(
     failed = [c.get("name") for c in suite if c.find("failure") is not None]
     assert failed == ["expect collected=999"]
 
-    ok = ws.cli("run", str(path), "--quiet", "--expect", "collected=1000",
-                "--expect", "lost<=0", "--expect", "status=completed")
+    ok = ws.cli(
+        "run",
+        str(path),
+        "--quiet",
+        "--expect",
+        "collected=1000",
+        "--expect",
+        "lost<=0",
+        "--expect",
+        "status=completed",
+    )
     assert ok.returncode == 0, ok.stderr
 
 
 def test_timeout_stops_everything_and_exits_1(ws: Workspace) -> None:
     path = _endless(ws)
-    result = ws.cli("run", str(path), "--quiet", "--timeout", "1.5", "--junit",
-                    "j.xml", timeout=30)
+    result = ws.cli(
+        "run", str(path), "--quiet", "--timeout", "1.5", "--junit", "j.xml", timeout=30
+    )
 
     assert result.returncode == 1
     assert "timeout: the run did not finish within 1.5 s" in result.stderr
@@ -378,8 +399,12 @@ def test_live_display_in_a_terminal(ws: Workspace) -> None:
     path = _paced(ws.classic(messages=6000), 6000, 3000)
     env = {**ws.env, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
     child = pexpect.spawn(
-        sys.executable, ["-m", "orchestrator", "run", str(path)],
-        cwd=str(ws.path), env=env, dimensions=(30, 100), encoding="utf-8",
+        sys.executable,
+        ["-m", "orchestrator", "run", str(path)],
+        cwd=str(ws.path),
+        env=env,
+        dimensions=(30, 100),
+        encoding="utf-8",
         timeout=30,
     )
     child.expect("produced [0-9,]+ of 6,000 +processed")
