@@ -194,8 +194,9 @@ def test_zombies_and_vanished_processes_are_noted_not_judged() -> None:
 
 
 def test_read_process_reads_a_real_child_and_its_zombie() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                             stdin=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
     try:
         live = read_process(child.pid)
         assert live is not None and live.rss > 0 and live.fds >= 3

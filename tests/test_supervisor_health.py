@@ -37,8 +37,9 @@ class Clock:
 @pytest.fixture
 def stand_in() -> Iterator[subprocess.Popen[str]]:
     """A process to play a replica: it ignores SIGTERM, as a stuck stage would."""
-    proc = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline() == "ok\n"
     yield proc
     proc.kill()
@@ -86,7 +87,8 @@ def consumer(sup: Supervisor, pid: int, state: str) -> Replica:
 
 
 def test_over_max_rss_gets_sigterm_then_sigkill_after_the_grace_period(
-        tmp_path: Path, stand_in: subprocess.Popen[str]) -> None:
+    tmp_path: Path, stand_in: subprocess.Popen[str]
+) -> None:
     clock = Clock()
     sup = supervisor(tmp_path, clock, rss=200 * MiB)
     replica = consumer(sup, stand_in.pid, "ready")
@@ -110,7 +112,8 @@ def test_over_max_rss_gets_sigterm_then_sigkill_after_the_grace_period(
 
 
 def test_under_the_limit_nothing_happens(
-        tmp_path: Path, stand_in: subprocess.Popen[str]) -> None:
+    tmp_path: Path, stand_in: subprocess.Popen[str]
+) -> None:
     clock = Clock()
     sup = supervisor(tmp_path, clock, rss=50 * MiB)
     replica = consumer(sup, stand_in.pid, "ready")
@@ -125,7 +128,8 @@ def test_under_the_limit_nothing_happens(
 
 
 def test_replacement_never_ready_is_killed_as_hung(
-        tmp_path: Path, stand_in: subprocess.Popen[str]) -> None:
+    tmp_path: Path, stand_in: subprocess.Popen[str]
+) -> None:
     clock = Clock()
     sup = supervisor(tmp_path, clock, rss=50 * MiB)
     replica = consumer(sup, stand_in.pid, "starting")
@@ -143,7 +147,8 @@ def test_replacement_never_ready_is_killed_as_hung(
 
 @pytest.mark.parametrize("writer_alive", [False, True])
 def test_dead_replicas_output_is_read_to_its_end_and_closed(
-        tmp_path: Path, writer_alive: bool) -> None:
+    tmp_path: Path, writer_alive: bool
+) -> None:
     sup = supervisor(tmp_path, Clock(), rss=0)
     replica = consumer(sup, 0, "ready")
     read_fd, write_fd = os.pipe()

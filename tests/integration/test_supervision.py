@@ -68,8 +68,11 @@ class Run:
 
     def wait_ready(self, name: str, count: int, timeout: float = 30) -> int:
         """Wait for the ``count``-th incarnation of ``name`` to be ready; its pid."""
-        found = wait_for(lambda: len(self.ready(name)) >= count, timeout=timeout,
-                         message=f"{name} ready {count} time(s)")
+        found = wait_for(
+            lambda: len(self.ready(name)) >= count,
+            timeout=timeout,
+            message=f"{name} ready {count} time(s)",
+        )
         return int(found and self.ready(name)[count - 1][1])
 
     def count(self, text: str) -> int:
@@ -84,8 +87,9 @@ class Run:
             return dict(json.loads(found.read_text()))
         except (StopIteration, ValueError) as exc:
             tail = "\n".join(line for _, line in self.log()[-40:])
-            raise AssertionError(f"exit {self.proc.returncode}, no report:\n{tail}"
-                                 ) from exc
+            raise AssertionError(
+                f"exit {self.proc.returncode}, no report:\n{tail}"
+            ) from exc
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -107,15 +111,19 @@ def replica_pid(run: Run, name: str) -> int | None:
 
 def zmq_threads(pid: int) -> list[str]:
     """Names of libzmq's own threads (``ZMQbg/...``) in process ``pid``."""
-    names = (task.read_text().strip() for task in
-             Path(f"/proc/{pid}/task").glob("*/comm"))
+    names = (
+        task.read_text().strip() for task in Path(f"/proc/{pid}/task").glob("*/comm")
+    )
     return [name for name in names if name.startswith("ZMQbg")]
 
 
 def entry(report: dict[str, Any], name: str) -> dict[str, Any]:
     stage, index = name.split(".")
-    return next(w for w in report["workers"]
-                if w["stage"] == stage and w["replica"] == int(index))
+    return next(
+        w
+        for w in report["workers"]
+        if w["stage"] == stage and w["replica"] == int(index)
+    )
 
 
 def run_dir(ws: Workspace) -> Path:
@@ -126,7 +134,8 @@ def with_rate(path: Path, messages: int, rate: int) -> Path:
     """Pace the producer: the run then lasts at least messages / rate seconds."""
     text = path.read_text().replace(
         f"params = {{ messages = {messages} }}",
-        f"params = {{ messages = {messages}, rate = {rate} }}")
+        f"params = {{ messages = {messages}, rate = {rate} }}",
+    )
     path.write_text(text)
     return path
 
@@ -136,17 +145,24 @@ def with_rate(path: Path, messages: int, rate: int) -> Path:
 
 @pytest.mark.timeout(60)
 def test_stopped_worker_is_declared_hung_and_replaced_within_the_timeout(
-        ws: Workspace) -> None:
+    ws: Workspace,
+) -> None:
     timeout = 1.0
-    path = ws.classic(messages=20_000, replicas=1, worker="teststages:stop_self_on",
-                      worker_params="poison = 5000",
-                      worker_extra=f"heartbeat_timeout = {timeout}")
+    path = ws.classic(
+        messages=20_000,
+        replicas=1,
+        worker="teststages:stop_self_on",
+        worker_params="poison = 5000",
+        worker_extra=f"heartbeat_timeout = {timeout}",
+    )
     run = Run(ws, path)
     try:
         first = run.wait_ready("consumer.0", 1)
         marker = wait_for(
             lambda: list((ws.path / "home").glob("*/run/stopped-consumer")),
-            timeout=30, message="the worker to stop itself")[0]
+            timeout=30,
+            message="the worker to stop itself",
+        )[0]
         stopped_at = marker.stat().st_mtime  # touched just before SIGSTOP
         second = run.wait_ready("consumer.0", 2, timeout=timeout + 5)
         report = run.finish()
@@ -165,10 +181,16 @@ def test_stopped_worker_is_declared_hung_and_replaced_within_the_timeout(
 
 @pytest.mark.timeout(60)
 def test_worker_growing_past_max_rss_is_restarted_gracefully(ws: Workspace) -> None:
-    path = with_rate(ws.classic(
-        messages=20_000, worker="teststages:bloat_once",
-        pipeline_extra="health_interval = 0.1",
-        worker_extra='max_rss = "150MiB"'), 20_000, 10_000)
+    path = with_rate(
+        ws.classic(
+            messages=20_000,
+            worker="teststages:bloat_once",
+            pipeline_extra="health_interval = 0.1",
+            worker_extra='max_rss = "150MiB"',
+        ),
+        20_000,
+        10_000,
+    )
     run = Run(ws, path)
     try:
         report = run.finish()
@@ -193,10 +215,17 @@ def test_worker_spinning_past_max_cpu_is_restarted_gracefully(ws: Workspace) -> 
     # A slow stream keeps an ordinary worker near 1% of a core; the spinning
     # one uses all the CPU it can get, which is well over the limit even on a
     # machine shared with a dozen other busy processes.
-    path = with_rate(ws.classic(
-        messages=1000, replicas=1, worker="teststages:spin_once",
-        pipeline_extra="health_interval = 0.1",
-        worker_extra="max_cpu = 6"), 1000, 500)
+    path = with_rate(
+        ws.classic(
+            messages=1000,
+            replicas=1,
+            worker="teststages:spin_once",
+            pipeline_extra="health_interval = 0.1",
+            worker_extra="max_cpu = 6",
+        ),
+        1000,
+        500,
+    )
     run = Run(ws, path)
     try:
         report = run.finish()
@@ -212,9 +241,13 @@ def test_worker_spinning_past_max_cpu_is_restarted_gracefully(ws: Workspace) -> 
 
 @pytest.mark.timeout(60)
 def test_worker_exiting_at_once_fails_the_run_by_restart_intensity(
-        ws: Workspace) -> None:
-    path = ws.classic(messages=20_000, worker="teststages:exit_at_once_saying",
-                      worker_extra="max_restarts = 3")
+    ws: Workspace,
+) -> None:
+    path = ws.classic(
+        messages=20_000,
+        worker="teststages:exit_at_once_saying",
+        worker_extra="max_restarts = 3",
+    )
     started = time.monotonic()
     run = Run(ws, path)
     try:
@@ -225,8 +258,9 @@ def test_worker_exiting_at_once_fails_the_run_by_restart_intensity(
     assert run.proc.returncode == 1
     assert report["status"] == "failed"
     failure = report["failure"]
-    assert re.match(r"consumer\.[01]: exit 1; restarted 3 times within 60 s",
-                    failure), failure
+    assert re.match(
+        r"consumer\.[01]: exit 1; restarted 3 times within 60 s", failure
+    ), failure
     failed = report["failed_stage"]
     assert failed["stage"] == "consumer" and failed["exit"] == "exit 1"
     assert any("cannot go on, giving up" in line for line in failed["tail"])
@@ -237,15 +271,21 @@ def test_worker_exiting_at_once_fails_the_run_by_restart_intensity(
 
 @pytest.mark.timeout(60)
 def test_supervisor_answers_sigterm_while_a_replica_waits_in_backoff(
-        ws: Workspace) -> None:
-    path = ws.classic(messages=20_000, replicas=1,
-                      worker="teststages:exit_at_once_saying",
-                      worker_extra="max_restarts = 100\nbackoff = 30.0\n"
-                                   "backoff_max = 30.0")
+    ws: Workspace,
+) -> None:
+    path = ws.classic(
+        messages=20_000,
+        replicas=1,
+        worker="teststages:exit_at_once_saying",
+        worker_extra="max_restarts = 100\nbackoff = 30.0\nbackoff_max = 30.0",
+    )
     run = Run(ws, path)
     try:
-        wait_for(lambda: run.count("consumer.0 restarting in") >= 2,
-                 timeout=30, message="a back-off")
+        wait_for(
+            lambda: run.count("consumer.0 restarting in") >= 2,
+            timeout=30,
+            message="a back-off",
+        )
         children = stage_processes(run.proc.pid)
         run.proc.send_signal(signal.SIGTERM)
         report = run.finish(timeout=20)
@@ -255,8 +295,9 @@ def test_supervisor_answers_sigterm_while_a_replica_waits_in_backoff(
     assert run.proc.returncode == 143
     assert report["status"] == "interrupted"
     assert run.count("exited unexpectedly") == 2  # the back-off held
-    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                   for c in children)
+    assert not any(
+        c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+    )
 
 
 # -- producer and collector crashes ------------------------------------------
@@ -265,10 +306,13 @@ def test_supervisor_answers_sigterm_while_a_replica_waits_in_backoff(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("victim", ["producer.0", "collector.0"])
 def test_at_most_once_source_or_sink_crash_fails_the_run_clearly(
-        ws: Workspace, victim: str) -> None:
-    path = with_rate(ws.classic(messages=200_000,
-                                pipeline_extra='delivery = "at-most-once"'),
-                     200_000, 100_000)
+    ws: Workspace, victim: str
+) -> None:
+    path = with_rate(
+        ws.classic(messages=200_000, pipeline_extra='delivery = "at-most-once"'),
+        200_000,
+        100_000,
+    )
     run = Run(ws, path)
     try:
         run.wait_ready("producer.0", 1)
@@ -288,11 +332,19 @@ def test_at_most_once_source_or_sink_crash_fails_the_run_clearly(
 
 @pytest.mark.timeout(60)
 def test_source_that_fails_on_every_start_fails_the_run_naming_it(
-        ws: Workspace) -> None:
-    path = ws.classic(messages=20_000).read_text().replace(
-        'call = "teststages:numbers"', 'call = "teststages:numbers_then_raise"'
-    ).replace("params = { messages = 20000 }",
-              "params = { messages = 20000, fail_at = 5000 }\nmax_restarts = 2")
+    ws: Workspace,
+) -> None:
+    path = (
+        ws.classic(messages=20_000)
+        .read_text()
+        .replace(
+            'call = "teststages:numbers"', 'call = "teststages:numbers_then_raise"'
+        )
+        .replace(
+            "params = { messages = 20000 }",
+            "params = { messages = 20000, fail_at = 5000 }\nmax_restarts = 2",
+        )
+    )
     run = Run(ws, ws.write(path))
     try:
         report = run.finish()
@@ -309,16 +361,22 @@ def test_source_that_fails_on_every_start_fails_the_run_naming_it(
 
 
 def test_busy_port_names_the_pid_that_holds_it_and_is_not_restarted(
-        ws: Workspace) -> None:
+    ws: Workspace,
+) -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     port = holder.getsockname()[1]
     try:
         path = ws.classic(messages=100)
-        result = ws.cli("run", str(path), "--set",
-                        f"stages.collector.pull.bind=tcp://127.0.0.1:{port}", "--set",
-                        f"stages.consumer.push.connect=tcp://127.0.0.1:{port}")
+        result = ws.cli(
+            "run",
+            str(path),
+            "--set",
+            f"stages.collector.pull.bind=tcp://127.0.0.1:{port}",
+            "--set",
+            f"stages.consumer.push.connect=tcp://127.0.0.1:{port}",
+        )
     finally:
         holder.close()
 
@@ -333,10 +391,12 @@ def test_busy_port_names_the_pid_that_holds_it_and_is_not_restarted(
 
 
 @pytest.mark.timeout(120)
-def test_fifty_restarts_leave_the_supervisor_flat_and_no_zombies(
-        ws: Workspace) -> None:
-    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001",
-                      worker_extra="max_restarts = 1000\nbackoff = 0.0")
+def test_fifty_restarts_leave_the_supervisor_flat_and_no_zombies(ws: Workspace) -> None:
+    path = ws.classic(
+        messages=10_000_000,
+        worker_params="delay = 0.001",
+        worker_extra="max_restarts = 1000\nbackoff = 0.0",
+    )
     run = Run(ws, path)
     try:
         supervisor = psutil.Process(run.proc.pid)
@@ -349,8 +409,9 @@ def test_fifty_restarts_leave_the_supervisor_flat_and_no_zombies(
             if cycle == 5:  # after warming up: log handlers, caches, the heap
                 before = (supervisor.num_fds(), supervisor.memory_info().rss)
         after = (supervisor.num_fds(), supervisor.memory_info().rss)
-        zombies = [c for c in supervisor.children()
-                   if c.status() == psutil.STATUS_ZOMBIE]
+        zombies = [
+            c for c in supervisor.children() if c.status() == psutil.STATUS_ZOMBIE
+        ]
         live = len(stage_processes(run.proc.pid))
         threads = zmq_threads(run.proc.pid)
         run.proc.send_signal(signal.SIGTERM)
@@ -369,11 +430,14 @@ def test_fifty_restarts_leave_the_supervisor_flat_and_no_zombies(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_supervisor_stopped_mid_restart_leaves_nothing_running(
-        ws: Workspace, signum: int) -> None:
-    path = ws.classic(messages=10_000_000, worker_params="delay = 0.001",
-                      name="midrestart",
-                      worker_extra="max_restarts = 100\nbackoff = 30.0\n"
-                                   "backoff_max = 30.0")
+    ws: Workspace, signum: int
+) -> None:
+    path = ws.classic(
+        messages=10_000_000,
+        worker_params="delay = 0.001",
+        name="midrestart",
+        worker_extra="max_restarts = 100\nbackoff = 30.0\nbackoff_max = 30.0",
+    )
     run = Run(ws, path)
     try:
         pid = run.wait_ready("consumer.0", 1)
@@ -381,8 +445,11 @@ def test_supervisor_stopped_mid_restart_leaves_nothing_running(
         os.kill(pid, signal.SIGKILL)  # restarted at once
         pid = run.wait_ready("consumer.0", 2)
         os.kill(pid, signal.SIGKILL)  # now 15-45 s of back-off
-        wait_for(lambda: run.count("consumer.0 restarting in") >= 2,
-                 timeout=30, message="the back-off")
+        wait_for(
+            lambda: run.count("consumer.0 restarting in") >= 2,
+            timeout=30,
+            message="the back-off",
+        )
         other = replica_pid(run, "consumer.1")
         assert other is not None
         seen = stage_processes(run.proc.pid)
@@ -398,8 +465,9 @@ def test_supervisor_stopped_mid_restart_leaves_nothing_running(
         assert run.proc.returncode == -signal.SIGKILL
 
     def nothing_left() -> bool:
-        alive = [p for p in seen if p.is_running()
-                 and p.status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
         return not alive and not orchestrator_processes("orchestrator: midrestart ")
 
     wait_for(nothing_left, timeout=10, message="every stage process to be gone")
@@ -410,12 +478,17 @@ def test_supervisor_stopped_mid_restart_leaves_nothing_running(
 
 @pytest.mark.timeout(90)
 def test_consumers_killed_every_300_ms_all_show_as_restarts_and_counts_are_true(
-        ws: Workspace) -> None:
+    ws: Workspace,
+) -> None:
     messages, rate = 200_000, 25_000  # the run lasts at least 8 s
-    path = with_rate(ws.classic(
-        messages=messages,
-        worker_extra="max_restarts = 1000\nbackoff = 0.01\nbackoff_max = 0.3"),
-        messages, rate)
+    path = with_rate(
+        ws.classic(
+            messages=messages,
+            worker_extra="max_restarts = 1000\nbackoff = 0.01\nbackoff_max = 0.3",
+        ),
+        messages,
+        rate,
+    )
     run = Run(ws, path)
     rng = random.Random(3)
     kills: list[int] = []
@@ -426,8 +499,11 @@ def test_consumers_killed_every_300_ms_all_show_as_restarts_and_counts_are_true(
         # stop (a stop we asked for is not a crash, and is not restarted).
         stop_killing = run.ready("producer.0")[0][0] + 0.8 * messages / rate
         while time.time() < stop_killing and run.proc.poll() is None:
-            victims = [p for p in (replica_pid(run, f"consumer.{i}") for i in (0, 1))
-                       if p is not None and p not in kills]  # not one dying
+            victims = [
+                p
+                for p in (replica_pid(run, f"consumer.{i}") for i in (0, 1))
+                if p is not None and p not in kills
+            ]  # not one dying
             if victims:
                 victim = rng.choice(victims)
                 os.kill(victim, signal.SIGKILL)
