@@ -33,9 +33,7 @@ def build(sup: Supervisor) -> dict[str, Any]:
     summary = sink.summary if sink is not None else None
     per_consumer: Any = per_via
     if isinstance(summary, dict) and isinstance(summary.get("per_consumer"), dict):
-        per_consumer = {
-            str(k): v for k, v in sorted(summary["per_consumer"].items())
-        }
+        per_consumer = {str(k): v for k, v in sorted(summary["per_consumer"].items())}
 
     produced = sup.produced()
     collected = sum(int(r.total("results")) for r in sup.sinks)

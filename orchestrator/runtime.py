@@ -57,6 +57,9 @@ HWM_FRAMES = 64
 # The default 100 ms reconnect interval would put that much delay between a
 # producer binding and the workers that started before it attaching.
 RECONNECT_MS = 10
+# After a worker or sink dies, wait this long before sending its share again,
+# so ZeroMQ has dropped the dead peer's connection (a few ms on loopback).
+REDELIVER_DELAY_S = 0.05
 # A busy source's partial frame waits at most this many flush intervals.
 PATIENCE = 20
 # A forced heartbeat (a stage went idle, a source finished) is still spaced
@@ -560,7 +563,7 @@ class SourceRuntime(Runtime):
         self.strikes: dict[int, int] = {}
         self.quarantined: set[int] = set()
         self.pending_blame: list[dict[str, Any]] = []
-        self.redeliver_all = False
+        self.redeliver_at: float | None = None
 
     def status(self) -> dict[str, Any]:
         self.counters["inflight"] = self.window.size
@@ -579,7 +582,6 @@ class SourceRuntime(Runtime):
         while True:
             idle = not reader.queue or self.window.full
             self._service(self.heartbeat_every * 1000 if idle else flush_s * 1000)
-            self._handle_blame()
             if self.exactly_once:
                 self._redeliver()
             if 0 < len(reader.queue) < self.pipeline.batch:
@@ -660,7 +662,10 @@ class SourceRuntime(Runtime):
 
     def on_control(self, message: dict[str, Any]) -> None:
         if message.get("t") == "redeliver":
-            self.redeliver_all = True
+            # Not at once: the dead replica's connection may not be dropped
+            # by ZeroMQ's I/O thread yet, and what went into it would wait
+            # for the redelivery timeout.
+            self.redeliver_at = time.monotonic() + REDELIVER_DELAY_S
             if message.get("blame"):
                 self.pending_blame.append(message["blame"])
 
@@ -733,9 +738,10 @@ class SourceRuntime(Runtime):
 
     def _redeliver(self) -> None:
         """Send again what was lost: everything after a death, or what is overdue."""
-        if self.redeliver_all:
+        if self.redeliver_at is not None and time.monotonic() >= self.redeliver_at:
+            self.redeliver_at = None
+            self._handle_blame()
             keys = list(self.window.frames)
-            self.redeliver_all = False
         else:
             keys = self.window.overdue(self.pipeline.redelivery_timeout)
         for key in keys:
