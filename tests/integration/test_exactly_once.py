@@ -64,6 +64,15 @@ def replicas_of(proc: subprocess.Popen[str], stage: str) -> list[psutil.Process]
     return found
 
 
+def kill(process: psutil.Process) -> bool:
+    """SIGKILL ``process``; False if it had already gone (a restart races us)."""
+    try:
+        process.kill()
+    except psutil.NoSuchProcess:
+        return False
+    return True
+
+
 def wait_for_replicas(proc: subprocess.Popen[str], stage: str, count: int) -> None:
     """Wait until ``count`` replicas of ``stage`` run; fail at once if the run ended."""
 
@@ -97,8 +106,7 @@ def test_random_consumer_killed_every_300_ms_counts_stay_exact(ws: Workspace) ->
     while proc.poll() is None:
         time.sleep(0.3)
         victims = replicas_of(proc, "consumer")
-        if victims and proc.poll() is None:
-            rng.choice(victims).kill()
+        if victims and proc.poll() is None and kill(rng.choice(victims)):
             kills += 1
     report = finish(proc)
 
@@ -241,8 +249,7 @@ pull = {{ bind = "{results}" }}
     while proc.poll() is None and kills < 6:
         time.sleep(0.2)
         victims = replicas_of(proc, "consumer") + replicas_of(proc, "split")
-        if victims and proc.poll() is None:
-            rng.choice(victims).kill()
+        if victims and proc.poll() is None and kill(rng.choice(victims)):
             kills += 1
     report = finish(proc)
 
