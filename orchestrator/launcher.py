@@ -18,7 +18,8 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from .runtime import ReplicaSpec, run_replica
+from .replica import run_replica
+from .runtime import ReplicaSpec
 
 if TYPE_CHECKING:
     from .config import Pipeline

@@ -4,7 +4,7 @@ The supervisor does not change: it still spawns, signals and reaps "pids"
 through a launcher, and talks to each replica over a :class:`Channel`.  This
 module is that launcher for a Ray cluster:
 
-* spawn: the replica runs :func:`orchestrator.runtime.run_replica` inside an
+* spawn: the replica runs :func:`orchestrator.replica.run_replica` inside an
   actor's own process.  The actor dials back to a listener on the
   supervisor's node twice, saying hello with the run's token: one connection
   carries the control channel, the other the replica's stdout and stderr up
@@ -46,7 +46,8 @@ from .channel import Channel
 from .config import Pipeline, Socket, Stage
 from .curve import RunKeys
 from .errors import ClusterError
-from .runtime import ReplicaSpec, run_replica
+from .replica import run_replica
+from .runtime import ReplicaSpec
 
 try:
     import ray

@@ -207,9 +207,13 @@ class Supervisor:
                 self._supervise(deadline)
         finally:
             self.finished_at = self.clock()
-            self._stop_all()
-            self.launcher.close()
-            self._restore_signals()
+            try:
+                self._stop_all()
+            finally:
+                # Whatever went wrong while stopping, no child outlives us.
+                self._kill_all()
+                self.launcher.close()
+                self._restore_signals()
             # Heartbeats lag; the counts each stage sent as it stopped do not.
             if self.status == "completed" and self._lost():
                 self.status = "failed"

@@ -1,0 +1,162 @@
+"""The sink side of the stage runtime: count each input once, log it in the
+ledger, hand the records to the stage function, commit, acknowledge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+
+from .ledger import Ledger, SeqSet
+from .runtime import (
+    HWM_FRAMES,
+    ReplicaSpec,
+    Runtime,
+    Stopping,
+    UserError,
+    ack_identity,
+    user_traceback,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SinkRuntime(Runtime):
+    def __init__(self, spec: ReplicaSpec) -> None:
+        super().__init__(spec)
+        self.counters.update(counted=0, duplicates=0, results=0, per_via={})
+        self.seen: dict[int, SeqSet] = {}
+        self.ledger: Ledger | None = None
+        self.unacked: dict[int, list[int]] = {}
+        if self.exactly_once:
+            self.ledger = Ledger(spec.run_dir / f"ledger-{spec.stage.name}.sqlite")
+
+    def run(self, fn: Callable[..., Any]) -> Any:
+        # _records() hands over whole frames; chaining them lets the user's
+        # loop take each record in C instead of resuming a generator.
+        records = itertools.chain.from_iterable(self._records())
+        try:
+            return fn(records, self.context(), **self.stage.params)
+        except Stopping:
+            raise
+        except Exception as exc:
+            raise UserError(user_traceback(exc)) from exc
+
+    def _records(self) -> Iterator[list[Any]]:
+        """The accepted records, a frame's worth at a time."""
+        if self.ledger is not None:
+            yield from self._replay()
+        assert self.pull is not None
+        pull = self.pull
+        while True:
+            try:
+                ready = self._service(self.heartbeat_every * 1000)
+            except Stopping:
+                return
+            if pull not in ready:
+                continue
+            for _ in range(HWM_FRAMES):
+                try:
+                    data = pull.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.note_first_input()
+                accepted: list[Any] = []
+                where = self._accept(data, accepted)
+                if where is not None:
+                    self.mark(*where)
+                yield accepted  # resumed once the user has taken them all
+                self.unmark()
+                self.heartbeat()  # a slow sink function is not a hung one
+            # The user has seen the records; make them durable, then say so.
+            # A crash before the commit loses nothing: the ledger replays only
+            # what was committed, and the sources send the rest again.
+            if self.ledger is not None:
+                self.ledger.commit()
+                self._send_acks()
+            self.heartbeat(soon=not self._more(pull))
+
+    def _more(self, pull: zmq.Socket[bytes]) -> bool:
+        return bool(pull.poll(0))
+
+    def _accept(self, data: bytes, out: list[Any]) -> tuple[int, int] | None:
+        try:
+            src, key, seq, via, flat, items = self.codec.decode_frame(data)
+        except ValueError as exc:
+            self.dead_letter({"error": str(exc), "frame": repr(data[:200])})
+            return None
+        self.counters["received"] += len(items)
+        if self.ledger is None:
+            self._take(items, 0, len(items), flat, via, out)
+            return src, key
+        seen = self.seen.setdefault(src, SeqSet())
+        fresh = seen.add(seq, seq + len(items))
+        new = 0
+        for lo, hi in fresh:
+            self.ledger.log(src, lo, hi, seq, data)
+            self._take(items, lo - seq, hi - seq, flat, via, out)
+            new += hi - lo
+        self.counters["duplicates"] += len(items) - new
+        self.unacked.setdefault(src, []).append(key)
+        return src, key
+
+    def _take(
+        self, items: list[Any], lo: int, hi: int, flat: bool, via: str, out: list[Any]
+    ) -> None:
+        self.counters["counted"] += hi - lo
+        before = len(out)
+        if flat:
+            out.extend(items[lo:hi])
+        else:
+            out.extend(itertools.chain.from_iterable(items[lo:hi]))
+        results = len(out) - before
+        self.counters["results"] += results
+        per_via = self.counters["per_via"]
+        per_via[via] = per_via.get(via, 0) + results
+
+    def _replay(self) -> Iterator[list[Any]]:
+        """What the ledger holds, a logged frame at a time, heartbeating.
+
+        A long replay is progress, not a hang; beating between frames, as in
+        normal operation, keeps a restarted sink from being killed as hung.
+        """
+        assert self.ledger is not None
+        replayed = 0
+        for src, lo, hi, frame_seq, data in self.ledger.replay():
+            _, _, _, via, flat, items = self.codec.decode_frame(data)
+            self.seen.setdefault(src, SeqSet()).add(lo, hi)
+            out: list[Any] = []
+            self._take(items, lo - frame_seq, hi - frame_seq, flat, via, out)
+            replayed += hi - lo
+            yield out
+            self.heartbeat()
+        if replayed:
+            log.info(
+                "%s replayed %d counted inputs from its ledger", self.name, replayed
+            )
+
+    def on_acks(self) -> None:
+        assert self.acks is not None
+        while True:
+            try:
+                identity, data = self.acks.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            message = self.codec.decode(data)
+            if message[0] == "hello":
+                src = message[1]
+                ranges = self.seen.get(src, SeqSet()).ranges()
+                self.acks.send_multipart(
+                    [identity, self.codec.encode(["state", ranges])]
+                )
+
+    def _send_acks(self) -> None:
+        assert self.acks is not None
+        for src, keys in self.unacked.items():
+            message = self.codec.encode(["ack", keys])
+            self.acks.send_multipart([ack_identity(src), message])
+        self.unacked.clear()
