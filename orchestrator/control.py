@@ -253,7 +253,7 @@ class ControlServer:
                 answer = self._handle(client, message)
             except ControlRefused as exc:
                 log.warning("control: rejected request: %s", exc)
-                answer = {"ok": False, "error": str(exc)}
+                answer = {"ok": False, "error": exc.reason}
             except Exception as exc:  # noqa: BLE001
                 # A bug in answering one request must not take the pipeline
                 # down with it: the supervisor's loop is the stages' lifeline.

@@ -137,6 +137,8 @@ class NotRunning(OrchestratorError):
 class ControlRefused(OrchestratorError):
     """The daemon rejected a control request, or answered nonsense."""
 
+    exit_code = EXIT_USAGE  # what was asked cannot be done: fix the request
+
     def __init__(self, request: str, reason: str) -> None:
         self.request = request
         self.reason = reason

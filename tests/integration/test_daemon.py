@@ -288,8 +288,9 @@ def test_malformed_control_messages_are_rejected_and_logged(
     answer = _raw(control, _frame(msgspec.msgpack.encode(request)))
     assert b"replicas must be >= 1" in answer
     bad_scale = ws.cli("scale", "collector=3", "-p", str(path), timeout=20)
-    assert bad_scale.returncode == 1
+    assert bad_scale.returncode == 2  # a request that cannot be done: usage
     assert "only workers scale" in bad_scale.stderr
+    assert "scale: scale:" not in bad_scale.stderr  # said once, not twice
 
     code, report = _status(ws, path)
     assert code == 0 and report["status"] == "running"
