@@ -338,6 +338,22 @@ class Runtime:
             raise Stopping
         return set(ready)
 
+    def wait_writable(self, sock: zmq.Socket[bytes]) -> None:
+        """Wait until ``sock`` can take a message, still heartbeating.
+
+        Input is left unwatched meanwhile: pending input would end every poll
+        at once and turn the wait into a busy loop.
+        """
+        if self.pull is not None:
+            self.poller.register(self.pull, 0)
+        self.poller.register(sock, zmq.POLLOUT)
+        try:
+            self._service(self.heartbeat_every * 1000)
+        finally:
+            self.poller.register(sock, 0)
+            if self.pull is not None:
+                self.poller.register(self.pull, zmq.POLLIN)
+
     def on_control(self, message: dict[str, Any]) -> None:
         """Control messages from the supervisor; roles override what they need."""
 

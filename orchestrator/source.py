@@ -383,7 +383,7 @@ class SourceRuntime(Runtime):
                 return
             except zmq.Again:
                 # No worker can take it now: wait, still answering control.
-                self._service(self.heartbeat_every * 1000)
+                self.wait_writable(self.push)
 
 
 def _without(lo: int, hi: int, holes: set[int]) -> Iterator[tuple[int, int]]:

@@ -122,4 +122,4 @@ class WorkerRuntime(Runtime):
                 return
             except zmq.Again:
                 # Downstream is full or restarting; keep heartbeating meanwhile.
-                self._service(self.heartbeat_every * 1000)
+                self.wait_writable(self.push)

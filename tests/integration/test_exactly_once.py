@@ -307,3 +307,35 @@ def test_a_collector_replaying_a_long_ledger_is_not_taken_for_hung(
     assert_exact(report, messages)
     collector = next(w for w in report["workers"] if w["stage"] == "collector")
     assert collector["restart_reasons"] == ["SIGKILL"]  # and never "hung"
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_blocked_downstream_waits_without_spinning(ws: Workspace) -> None:
+    path = ws.classic(
+        messages=50_000_000,
+        pipeline_extra='delivery = "at-most-once"',
+    )
+    path.write_text(
+        path.read_text().replace(
+            'call = "teststages:count"',
+            'call = "teststages:count"\nheartbeat_timeout = 60',
+        )
+    )
+    proc = ws.popen("run", str(path))
+    try:
+        wait_for_replicas(proc, "collector", 1)
+        wait_for_replicas(proc, "consumer", 2)
+        time.sleep(1.0)
+        collector = replicas_of(proc, "collector")[0]
+        collector.suspend()  # its queue fills; the workers' sends block
+        time.sleep(1.0)
+        consumers = replicas_of(proc, "consumer")
+        for consumer in consumers:
+            consumer.cpu_percent()
+        time.sleep(1.5)
+        busy = [consumer.cpu_percent() for consumer in consumers]
+        collector.resume()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert max(busy) < 30, busy
