@@ -72,9 +72,14 @@ class Channel:
     def pending(self) -> bool:
         return bool(self._outbox)
 
+    # A bound on one message's size, for peers we do not trust; None: none.
+    max_message: int | None = None
+    too_large = False  # a peer sent a message over the bound
+    eof = False  # the peer shut its side
+
     def receive(self) -> list[Message]:
-        """Every complete message available now; marks the channel closed on EOF."""
-        while not self.closed:
+        """Every complete message available now; notes EOF and oversize."""
+        while not self.closed and not self.eof:
             try:
                 chunk = self.sock.recv(65536)
             except BlockingIOError:
@@ -82,18 +87,33 @@ class Channel:
             except OSError:
                 chunk = b""
             if not chunk:
-                self.closed = True
+                self._at_eof()
                 break
             self._inbox += chunk
         messages = []
         while len(self._inbox) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(self._inbox)
+            if self.max_message is not None and size > self.max_message:
+                self.too_large = True
+                break
             end = _HEADER.size + size
             if len(self._inbox) < end:
                 break
-            messages.append(_decode(bytes(self._inbox[_HEADER.size : end])))
+            payload = bytes(self._inbox[_HEADER.size : end])
             del self._inbox[:end]
+            messages.append(self._decode_payload(payload))
         return messages
+
+    def _at_eof(self) -> None:
+        """A stage's channel at EOF is done with: its process is gone."""
+        self.eof = True
+        self.closed = True
+
+    def _decode_payload(self, payload: bytes) -> Message:
+        try:
+            return _decode(payload)  # type: ignore[no-any-return,unused-ignore]
+        except msgspec.DecodeError:  # a command stage may write anything
+            return {"t": None, "undecodable": payload[:40]}
 
     def close(self) -> None:
         self.closed = True

@@ -52,38 +52,18 @@ REQUEST_TIMEOUT_S = 10.0
 class _Connection(Channel):
     """One client; like a stage channel, but with a bound on message size."""
 
-    too_large = False
-    # The client shut its side: it may still read the answers to what it sent.
-    eof = False
+    max_message = MAX_REQUEST
 
-    def receive(self) -> list[Message]:
-        while not self.closed and not self.eof:
-            try:
-                chunk = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                break
-            self._inbox += chunk
-        messages = []
-        while len(self._inbox) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self._inbox)
-            if size > MAX_REQUEST:
-                self.too_large = True
-                break
-            end = _HEADER.size + size
-            if len(self._inbox) < end:
-                break
-            payload = bytes(self._inbox[_HEADER.size : end])
-            del self._inbox[:end]
-            try:
-                messages.append(msgspec.msgpack.decode(payload))
-            except msgspec.DecodeError:
-                messages.append({"cmd": None, "undecodable": payload[:40]})
-        return messages
+    def _at_eof(self) -> None:
+        # The client shut its side: it may still read the answers to what it
+        # sent, so the connection stays open for writing.
+        self.eof = True
+
+    def _decode_payload(self, payload: bytes) -> Message:
+        message = super()._decode_payload(payload)
+        if isinstance(message, dict) and "undecodable" in message and "t" in message:
+            return {"cmd": None, "undecodable": message["undecodable"]}
+        return message
 
 
 class Sampler:

@@ -363,8 +363,23 @@ class Supervisor:
 
     # -- messages from stages -------------------------------------------------
 
-    def _on_message(self, replica: Replica, message: dict[str, Any]) -> None:
+    def _on_message(self, replica: Replica, message: Any) -> None:
+        # A command stage may write anything to its control fd: what is not
+        # a well-formed message is logged and ignored, never fatal.
+        if not isinstance(message, dict):
+            log.warning(
+                "%s sent a malformed control message: %.80r", replica.name, message
+            )
+            return
         kind = message.get("t")
+        if kind in ("hb", "final"):
+            counters = _counters(message.get("c"))
+            if counters is None:
+                log.warning(
+                    "%s sent malformed counters: %.80r", replica.name, message.get("c")
+                )
+                return
+            message = {**message, "c": counters}
         if kind == "hb":
             replica.counters = message["c"]
             replica.last_heartbeat = self.clock()
@@ -373,7 +388,7 @@ class Supervisor:
             replica.ready_at = self.clock()
             replica.last_heartbeat = replica.ready_at
             log.info("%s pid %s ready", replica.name, replica.pid)
-        elif kind == "first_input":
+        elif kind == "first_input" and isinstance(message.get("at"), (int, float)):
             replica.first_input_at = message["at"]
         elif kind == "final":
             replica.counters = message["c"]
@@ -823,6 +838,21 @@ class Supervisor:
         self._forget_fd(self._wake_r)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _counters(value: Any) -> dict[str, Any] | None:
+    """Counters as the runtime sends them: numbers, flags, maps of numbers."""
+    if not isinstance(value, dict):
+        return None
+    clean: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, (int, float, bool)):
+            clean[str(key)] = item
+        elif isinstance(item, dict) and all(
+            isinstance(v, (int, float)) for v in item.values()
+        ):
+            clean[str(key)] = {str(k): v for k, v in item.items()}
+    return clean
 
 
 def _note_signal(signum: int, frame: Any) -> None:

@@ -33,6 +33,16 @@ if params.get("heartbeat"):
     control = socket.socket(fileno=int(env["ORCHESTRATOR_CONTROL_FD"]))
     control.setblocking(True)
 counters = {"received": 0, "emitted": 0}
+# garbage: first write what a buggy program might to the control fd.
+if control is not None and params.get("garbage"):
+    for junk in (
+        b"\xc1\xc1 not msgpack",
+        msgspec.msgpack.encode([1, 2, 3]),
+        msgspec.msgpack.encode({"t": "hb", "c": "lots"}),
+        msgspec.msgpack.encode({"t": "hb", "c": {"received": "many"}}),
+        msgspec.msgpack.encode({"t": "first_input", "at": "noon"}),
+    ):
+        control.sendall(struct.pack("!I", len(junk)) + junk)
 
 
 def tell(message):

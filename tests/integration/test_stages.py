@@ -406,3 +406,14 @@ def test_command_stage_without_heartbeats_is_not_taken_for_hung(ws: Workspace) -
     assert result.returncode == 0, result.stderr
     assert report["restarts"] == 0
     assert report["summary"]["sum"] == 2 * sum(range(3000))
+
+
+def test_garbage_on_a_command_stage_control_fd_is_ignored_not_fatal(
+    ws: Workspace,
+) -> None:
+    path = _command_pipeline(ws, params=", heartbeat = true, garbage = true")
+    result, report = _run(ws, path)
+
+    assert result.returncode == 0, result.stderr
+    assert report["status"] == "completed" and report["lost"] == 0
+    assert "malformed" in result.stderr
