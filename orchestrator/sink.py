@@ -11,6 +11,7 @@ from typing import Any
 
 import zmq
 
+from .codec import inputs, results
 from .ledger import Ledger, SeqSet
 from .runtime import (
     HWM_FRAMES,
@@ -85,38 +86,42 @@ class SinkRuntime(Runtime):
 
     def _accept(self, data: bytes, out: list[Any]) -> tuple[int, int] | None:
         try:
-            src, key, seq, via, flat, items = self.codec.decode_frame(data)
+            src, key, seq, via, counts, items = self.codec.decode_frame(data)
         except ValueError as exc:
             self.dead_letter({"error": str(exc), "frame": repr(data[:200])})
             return None
-        self.counters["received"] += len(items)
+        size = inputs(counts, items)
+        self.counters["received"] += size
         if self.ledger is None:
-            self._take(items, 0, len(items), flat, via, out)
+            self._take(items, counts, 0, size, via, out)
             return src, key
         seen = self.seen.setdefault(src, SeqSet())
-        fresh = seen.add(seq, seq + len(items))
+        fresh = seen.add(seq, seq + size)
         new = 0
         for lo, hi in fresh:
             self.ledger.log(src, lo, hi, seq, data)
-            self._take(items, lo - seq, hi - seq, flat, via, out)
+            self._take(items, counts, lo - seq, hi - seq, via, out)
             new += hi - lo
-        self.counters["duplicates"] += len(items) - new
+        self.counters["duplicates"] += size - new
         self.unacked.setdefault(src, []).append(key)
         return src, key
 
     def _take(
-        self, items: list[Any], lo: int, hi: int, flat: bool, via: str, out: list[Any]
+        self,
+        items: list[Any],
+        counts: list[int] | None,
+        lo: int,
+        hi: int,
+        via: str,
+        out: list[Any],
     ) -> None:
+        """Add the results of inputs ``lo .. hi - 1`` of a frame to ``out``."""
         self.counters["counted"] += hi - lo
-        before = len(out)
-        if flat:
-            out.extend(items[lo:hi])
-        else:
-            out.extend(itertools.chain.from_iterable(items[lo:hi]))
-        results = len(out) - before
-        self.counters["results"] += results
+        taken = results(counts, items, lo, hi)
+        out.extend(taken)
+        self.counters["results"] += len(taken)
         per_via = self.counters["per_via"]
-        per_via[via] = per_via.get(via, 0) + results
+        per_via[via] = per_via.get(via, 0) + len(taken)
 
     def _replay(self) -> Iterator[list[Any]]:
         """What the ledger holds, a logged frame at a time, heartbeating.
@@ -127,10 +132,10 @@ class SinkRuntime(Runtime):
         assert self.ledger is not None
         replayed = 0
         for src, lo, hi, frame_seq, data in self.ledger.replay():
-            _, _, _, via, flat, items = self.codec.decode_frame(data)
+            _, _, _, via, counts, items = self.codec.decode_frame(data)
             self.seen.setdefault(src, SeqSet()).add(lo, hi)
             out: list[Any] = []
-            self._take(items, lo - frame_seq, hi - frame_seq, flat, via, out)
+            self._take(items, counts, lo - frame_seq, hi - frame_seq, via, out)
             replayed += hi - lo
             yield out
             self.heartbeat()

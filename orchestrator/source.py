@@ -371,7 +371,7 @@ class SourceRuntime(Runtime):
     ) -> None:
         key = self.key
         self.key += 1
-        data = self.codec.encode([self.spec.src_id, key, seq, self.name, True, records])
+        data = self.codec.encode([self.spec.src_id, key, seq, self.name, None, records])
         if self.exactly_once:
             self.window.add(key, Batch(seq, records, time.monotonic()))
         if redelivered:

@@ -22,10 +22,6 @@ from .stagefn import StageContext
 
 log = logging.getLogger(__name__)
 
-# A worker's "no result" in its output frame: one shared list, which is safe
-# because output frames are only ever encoded, never changed.
-_NOTHING: list[Any] = []
-
 
 def _as_list(result: Any) -> list[Any]:
     """A worker's return value as the list of records it stands for."""
@@ -60,17 +56,18 @@ class WorkerRuntime(Runtime):
                     break
                 self.note_first_input()
                 try:
-                    src, key, seq, _via, flat, items = self.codec.decode_frame(data)
+                    src, key, seq, _via, counts, items = self.codec.decode_frame(data)
                 except ValueError as exc:
                     self.dead_letter({"error": str(exc), "frame": repr(data[:200])})
                     continue
                 self.mark(src, key)
-                out = self._process(call, ctx, src, key, seq, flat, items)
-                counters["received"] += len(items)
-                counters["processed"] += len(items)
+                out, out_counts = self._process(call, ctx, src, key, seq, counts, items)
+                counters["received"] += len(out_counts)
+                counters["processed"] += len(out_counts)
                 counters["frames"] += 1
-                counters["emitted"] += sum(map(len, out))
-                self._send(self.codec.encode([src, key, seq, self.name, False, out]))
+                counters["emitted"] += len(out)
+                frame = [src, key, seq, self.name, out_counts, out]
+                self._send(self.codec.encode(frame))
                 self.unmark()
                 # Up to HWM_FRAMES frames go by before _service: a slow but
                 # healthy function must still beat once per frame, or the
@@ -86,33 +83,41 @@ class WorkerRuntime(Runtime):
         src: int,
         key: int,
         seq: int,
-        flat: bool,
+        counts: list[int] | None,
         items: list[Any],
-    ) -> list[list[Any]]:
-        out: list[list[Any]] = []
-        append = out.append
+    ) -> tuple[list[Any], list[int]]:
+        """The results of a frame's inputs, and how many came of each."""
+        out: list[Any] = []
+        out_counts: list[int] = []
+        append, extend, count = out.append, out.extend, out_counts.append
         position = 0
         try:
-            if flat:
+            if counts is None:
                 # Runs once per record: _as_list is inlined for the two
                 # commonest results, none and one dict.
                 for position, record in enumerate(items):  # noqa: B007 (read by the handler)
                     result = call(record, ctx)
                     if result is None:
-                        append(_NOTHING)
+                        count(0)
                     elif type(result) is dict:
-                        append([result])
+                        append(result)
+                        count(1)
                     else:
-                        append(_as_list(result))
+                        results = _as_list(result)
+                        extend(results)
+                        count(len(results))
             else:
-                for position, unit in enumerate(items):  # noqa: B007
-                    derived: list[Any] = []
-                    for record in unit:
-                        derived.extend(_as_list(call(record, ctx)))
-                    append(derived)
+                # An upstream worker's frame: counts[i] records came of input i.
+                start = 0
+                for position, n in enumerate(counts):  # noqa: B007
+                    before = len(out)
+                    for record in items[start : start + n]:
+                        extend(_as_list(call(record, ctx)))
+                    start += n
+                    count(len(out) - before)
         except Exception as exc:
             raise UserError(user_traceback(exc), (src, key, seq + position)) from exc
-        return out
+        return out, out_counts
 
     def _send(self, data: bytes) -> None:
         assert self.push is not None

@@ -75,18 +75,22 @@ while True:
     if control is not None and not pull.poll(100):
         tell({"t": "hb", "c": counters})
         continue
-    src, key, seq, _via, flat, items = decode(pull.recv())
+    src, key, seq, _via, counts, items = decode(pull.recv())
     if frames == die_after:
         open(died_once, "w").close()
         os._exit(9)
     frames += 1
-    if flat:
-        out = [[double(record)] for record in items]
-    else:
-        out = [[double(record) for record in unit] for unit in items]
-    push.send(encode([src, key, seq, via, False, out]))
+    if counts is None:  # a source's frame: each item is one input
+        counts = [1] * len(items)
+    out, out_counts, start = [], [], 0
+    for n in counts:  # the records of one input, and how many results came of it
+        results = [double(record) for record in items[start : start + n]]
+        out += results
+        out_counts.append(len(results))
+        start += n
+    push.send(encode([src, key, seq, via, out_counts, out]))
     if control is not None:
-        counters["received"] += len(items)
-        counters["emitted"] += sum(len(unit) for unit in out)
+        counters["received"] += len(counts)
+        counters["emitted"] += len(out)
         tell({"t": "hb", "c": counters})
     sys.stdout.flush()
