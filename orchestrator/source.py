@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 import zmq
@@ -28,9 +29,14 @@ from .runtime import (
 
 log = logging.getLogger(__name__)
 
+# While the reader is inside a chunk, the main thread looks for records this
+# often: they are appended without a wake-up.
+TRICKLE_POLL_S = 0.01
+_END = object()
+
 
 class _Reader(threading.Thread):
-    """Runs the source function in a thread, handing records over in a deque.
+    """Runs the source function in a thread, handing records over in a list.
 
     A generator may block (reading a socket, a pipe, a slow file); reading it
     in a thread lets the runtime flush a partial frame after ``flush_ms``
@@ -51,6 +57,7 @@ class _Reader(threading.Thread):
         self.done = False
         self.error: BaseException | None = None
         self.first_at = 0.0  # when the oldest record waiting was read
+        self.reading = False  # inside a chunk: records may appear unannounced
         self.taken = 0
         self.active = True
         self._last_cpu = 0.0
@@ -104,17 +111,27 @@ class _Reader(threading.Thread):
 
     def run(self) -> None:
         queue, batch, high = self.queue, self.batch, self.high
-        append = queue.append
+        records = iter(self.records)
         try:
-            for record in self.records:
-                append(record)
-                size = len(queue)
-                if size == 1:
+            while True:
+                # The first record of a chunk is read on its own: after a
+                # quiet spell the main thread must hear of it at once.
+                record = next(records, _END)
+                if record is _END:
+                    break
+                queue.append(record)
+                if len(queue) == 1:
                     self.first_at = time.monotonic()
-                elif size % batch == 0:
-                    # Once per full frame, not per record: a wake-up is a
-                    # system call, and a busy source would make one per record.
                     self._wake()
+                # The rest of the chunk in C, no Python per record.  list.extend
+                # appends each record as the generator yields it, so a record
+                # read while the generator then blocks is in the queue already
+                # and the main thread sees it (it polls while ``reading``).
+                self.reading = True
+                queue.extend(islice(records, batch - 1))
+                self.reading = False
+                if len(queue) >= batch:
+                    self._wake()  # once per frame, not per record: a system call
                     while len(queue) >= high:
                         self.room.clear()
                         if len(queue) >= high:
@@ -122,6 +139,7 @@ class _Reader(threading.Thread):
         except BaseException as exc:  # reported by the main thread
             self.error = exc
         finally:
+            self.reading = False
             self.done = True
             self._wake()
 
@@ -139,8 +157,8 @@ class _Reader(threading.Thread):
         records = queue[:limit]
         del queue[: len(records)]
         self.taken += len(records)
-        if queue:
-            self.first_at = time.monotonic()
+        # What arrives next (or is left) has waited since now at most.
+        self.first_at = time.monotonic()
         self.room.set()
         return records
 
@@ -183,8 +201,13 @@ class SourceRuntime(Runtime):
         reader.start()
         flush_s = self.pipeline.flush_ms / 1000.0
         while True:
-            idle = not reader.queue or self.window.full
-            self._service(self.heartbeat_every * 1000 if idle else flush_s * 1000)
+            if self.window.full or not (reader.queue or reader.reading):
+                wait_s = self.heartbeat_every  # woken by acks or the reader
+            elif not reader.queue:
+                wait_s = TRICKLE_POLL_S  # a record may arrive unannounced
+            else:
+                wait_s = flush_s
+            self._service(wait_s * 1000)
             if self.exactly_once:
                 self._redeliver()
             if 0 < len(reader.queue) < self.pipeline.batch:
