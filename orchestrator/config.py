@@ -96,7 +96,7 @@ class Pipeline:
     path: Path
     stages: tuple[Stage, ...]
     delivery: str = "exactly-once"
-    window: int = 20_000
+    window: int = 50_000
     batch: int = 1000
     flush_ms: float = 2.0
     codec: str = "msgpack"
@@ -338,7 +338,7 @@ def _pipeline(
         path=source.path.resolve(),
         stages=tuple(stages),
         delivery=check.choice(table, at("delivery"), "exactly-once", DELIVERY_MODES),
-        window=check.integer(table, at("window"), 20_000, minimum=1),
+        window=check.integer(table, at("window"), 50_000, minimum=1),
         batch=check.integer(table, at("batch"), 1000, minimum=1),
         flush_ms=check.number(table, at("flush_ms"), 2.0),
         codec=check.choice(table, at("codec"), "msgpack", CODECS),

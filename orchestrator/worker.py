@@ -90,12 +90,11 @@ class WorkerRuntime(Runtime):
         out: list[Any] = []
         out_counts: list[int] = []
         append, extend, count = out.append, out.extend, out_counts.append
-        position = 0
         try:
             if counts is None:
                 # Runs once per record: _as_list is inlined for the two
                 # commonest results, none and one dict.
-                for position, record in enumerate(items):  # noqa: B007 (read by the handler)
+                for record in items:
                     result = call(record, ctx)
                     if result is None:
                         count(0)
@@ -109,14 +108,17 @@ class WorkerRuntime(Runtime):
             else:
                 # An upstream worker's frame: counts[i] records came of input i.
                 start = 0
-                for position, n in enumerate(counts):  # noqa: B007
+                for n in counts:
                     before = len(out)
                     for record in items[start : start + n]:
                         extend(_as_list(call(record, ctx)))
                     start += n
                     count(len(out) - before)
         except Exception as exc:
-            raise UserError(user_traceback(exc), (src, key, seq + position)) from exc
+            # One count per input done: their number is the failing input's
+            # position in the frame.
+            where = (src, key, seq + len(out_counts))
+            raise UserError(user_traceback(exc), where) from exc
         return out, out_counts
 
     def _send(self, data: bytes) -> None:
