@@ -47,6 +47,7 @@ def test_benchmark_entry_point_prints_the_side_by_side_table(ws: Workspace) -> N
         "orchestrator / classic",
         "orchestrator / best Pool",
         "accounting on / off",
+        "at 4,000 msgs: orchestrator / Pool(10000)",
         "2,000 msgs, 1 workers",
         "2,000 msgs, 2 workers",
     ):
