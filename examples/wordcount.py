@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from orchestrator import StageContext
 
@@ -29,12 +29,23 @@ WORD = re.compile(r"\w+")
 def lines(ctx: StageContext, path: str) -> Iterator[str]:
     """Each line of the file at ``path`` ("-": standard input), as UTF-8.
 
-    Undecodable bytes become U+FFFD, which is not a word character.
+    Undecodable bytes become U+FFFD, which is not a word character.  The file
+    is opened now, not when the first line is read: a source that raises
+    before it returns fails the run at once (a missing file will not appear
+    by restarting), instead of being restarted until it gives up.
     """
     # Standard input cannot be read twice: if this source is restarted, the
     # lines already read are gone (see "Sources" in docs/stages.md).
     source: str | int = 0 if path == "-" else path
-    with open(source, encoding="utf-8", errors="replace", closefd=path != "-") as text:
+    # Closed by _read when the stream ends (or the process does).
+    text = open(  # noqa: SIM115
+        source, encoding="utf-8", errors="replace", closefd=path != "-"
+    )
+    return _read(text)
+
+
+def _read(text: TextIO) -> Iterator[str]:
+    with text:
         yield from text
 
 

@@ -107,6 +107,7 @@ class Pipeline:
     heartbeat_interval: float = 0.1
     redelivery_timeout: float = 10.0
     max_attempts: int = 3
+    max_quarantined: int = 10
     overrides: tuple[str, ...] = field(default=())
     ray_address: str = "auto"
     curve: bool = False
@@ -241,6 +242,7 @@ _PIPELINE_KEYS = {
     "heartbeat_interval",
     "redelivery_timeout",
     "max_attempts",
+    "max_quarantined",
     "ray_address",
     "curve",
 }
@@ -353,6 +355,7 @@ def _pipeline(
             table, at("redelivery_timeout"), 10.0, positive=True
         ),
         max_attempts=check.integer(table, at("max_attempts"), 3, minimum=1),
+        max_quarantined=check.integer(table, at("max_quarantined"), 10, minimum=0),
         overrides=overrides,
         ray_address=check.string(table, at("ray_address")) or "auto",
         curve=_flag(check, table, at("curve")),

@@ -89,6 +89,9 @@ def run_replica(spec: ReplicaSpec) -> int:
         }
         if exc.where is not None:
             message["src"], message["key"], message["seq"] = exc.where
+        # The counters since the last heartbeat too: the supervisor judges
+        # by them whether the stage handles any input at all.
+        runtime.channel.send_blocking({"t": "hb", "c": runtime.status()})
         runtime.channel.send_blocking(message)
         print(exc.text, end="", flush=True)
         return EXIT_SETUP if exc.setup else EXIT_EXCEPTION

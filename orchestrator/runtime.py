@@ -65,7 +65,9 @@ GC_THRESHOLD = 10_000
 HELLO_RETRY_S = 0.2
 
 # The slot in shared memory where a replica says which frame it is working
-# on, so the supervisor can blame that frame when the process dies.
+# on, so the supervisor can blame that frame when the process dies.  ``busy``
+# is the number of inputs in the frame (0: none): a death holding a frame of
+# one input is pinned on that input.
 SLOT = struct.Struct("qqq")  # busy, src, key
 
 
@@ -117,6 +119,19 @@ def ack_identity(src: int) -> bytes:
 
 class Stopping(Exception):
     """Raised inside the runtime's loops when the supervisor asked us to stop."""
+
+
+class RunAborted(Stopping):
+    """Raised in a sink's loop over its records when the run failed.
+
+    A requested stop (Ctrl-C, SIGTERM, ``orchestrator stop``) ends the loop
+    normally, so the sink returns its summary; a failed or timed-out run
+    raises this instead, so the sink does not finish as if its input were
+    complete.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the run failed: the records end here, before the stream did")
 
 
 class UserError(Exception):
@@ -376,10 +391,10 @@ class Runtime:
             self.first_input_reported = True
             self.channel.send_blocking({"t": "first_input", "at": time.time()})
 
-    def mark(self, src: int, key: int) -> None:
+    def mark(self, src: int, key: int, inputs: int) -> None:
         slot = self.spec.slot
         if slot is not None:
-            SLOT.pack_into(slot, 0, 1, src, key)
+            SLOT.pack_into(slot, 0, max(inputs, 1), src, key)
 
     def unmark(self) -> None:
         slot = self.spec.slot

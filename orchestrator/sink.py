@@ -16,6 +16,7 @@ from .ledger import Ledger, SeqSet
 from .runtime import (
     HWM_FRAMES,
     ReplicaSpec,
+    RunAborted,
     Runtime,
     Stopping,
     UserError,
@@ -33,6 +34,7 @@ class SinkRuntime(Runtime):
         self.seen: dict[int, SeqSet] = {}
         self.ledger: Ledger | None = None
         self.unacked: dict[int, list[int]] = {}
+        self.aborted = False
         if self.exactly_once:
             self.ledger = Ledger(spec.run_dir / f"ledger-{spec.stage.name}.sqlite")
 
@@ -45,6 +47,8 @@ class SinkRuntime(Runtime):
         except Stopping:
             raise
         except Exception as exc:
+            if self.aborted:  # the function wrapped our RunAborted in its own
+                raise RunAborted from exc
             raise UserError(user_traceback(exc)) from exc
 
     def _records(self) -> Iterator[list[Any]]:
@@ -57,6 +61,8 @@ class SinkRuntime(Runtime):
             try:
                 ready = self._service(self.heartbeat_every * 1000)
             except Stopping:
+                if self.aborted:
+                    raise RunAborted from None
                 return
             if pull not in ready:
                 continue
@@ -84,7 +90,7 @@ class SinkRuntime(Runtime):
     def _more(self, pull: zmq.Socket[bytes]) -> bool:
         return bool(pull.poll(0))
 
-    def _accept(self, data: bytes, out: list[Any]) -> tuple[int, int] | None:
+    def _accept(self, data: bytes, out: list[Any]) -> tuple[int, int, int] | None:
         try:
             src, key, seq, via, counts, items = self.codec.decode_frame(data)
         except ValueError as exc:
@@ -94,7 +100,7 @@ class SinkRuntime(Runtime):
         self.counters["received"] += size
         if self.ledger is None:
             self._take(items, counts, 0, size, via, out)
-            return src, key
+            return src, key, size
         seen = self.seen.setdefault(src, SeqSet())
         fresh = seen.add(seq, seq + size)
         new = 0
@@ -104,7 +110,7 @@ class SinkRuntime(Runtime):
             new += hi - lo
         self.counters["duplicates"] += size - new
         self.unacked.setdefault(src, []).append(key)
-        return src, key
+        return src, key, size
 
     def _take(
         self,
@@ -143,6 +149,13 @@ class SinkRuntime(Runtime):
             log.info(
                 "%s replayed %d counted inputs from its ledger", self.name, replayed
             )
+
+    def on_control(self, message: dict[str, Any]) -> None:
+        # The run failed or timed out: the records end here, but not as if
+        # the stream were complete (a sink writing its output at the end of
+        # its loop must not overwrite a good file with a partial one).
+        if message.get("t") == "abort":
+            self.aborted = True
 
     def on_acks(self) -> None:
         assert self.acks is not None

@@ -207,6 +207,8 @@ class Supervisor:
                 self._supervise(deadline)
         finally:
             self.finished_at = self.clock()
+            if self.status in ("failed", "timeout"):
+                self._abort_sinks()
             try:
                 self._stop_all()
             finally:
@@ -278,6 +280,7 @@ class Supervisor:
         self._check_heartbeats()
         self._check_health()
         self._check_progress()
+        self._check_quarantine()
         for hook in self.hooks:
             hook()
 
@@ -497,9 +500,15 @@ class Supervisor:
             reason,
             f" ({error['message']})" if error.get("kind") == "exception" else "",
         )
+        pinned = False
         if self.status in ("running", "starting") and replica.stage.role != "source":
             self._redeliver(replica, busy, src, key)
-        self._after_crash(replica, code, reason or "")
+            pinned = (
+                self.pipeline.exactly_once
+                and ("seq" in error or busy == 1)
+                and self._has_progressed(replica.stage)
+            )
+        self._after_crash(replica, code, reason or "", pinned)
 
     def _redeliver(self, replica: Replica, busy: int, src: int, key: int) -> None:
         """Tell the sources that what this replica held is lost: send it again."""
@@ -518,11 +527,30 @@ class Supervisor:
             if source.channel is not None:
                 source.channel.send({"t": "redeliver", "blame": blame})
 
-    def _after_crash(self, replica: Replica, code: int, reason: str) -> None:
+    def _after_crash(
+        self, replica: Replica, code: int, reason: str, pinned: bool = False
+    ) -> None:
+        """Restart a replica that exited on its own, or fail the run.
+
+        A crash ``pinned`` on one input (the function raised on it, or the
+        process died holding a frame of that input alone) of a stage that
+        does handle other inputs is the data's fault, and it is already
+        bounded: the input is quarantined after ``max_attempts`` such
+        crashes, and the run fails past ``max_quarantined``.  Counting it
+        towards the restart intensity too would fail a run over a handful of
+        bad records, so it is restarted at once instead.  A stage that has
+        not finished a single input (it exits at once, or fails on every
+        record) is broken, not fed bad data: its crashes count as usual.
+        """
         stage = replica.stage
         if self.status not in ("starting", "running"):
             replica.state = "exited"
             return
+        error = replica.error or {}
+        if error.get("kind") == "exception" and error.get("message"):
+            why = f"{reason} ({error['message']})"  # what the function raised
+        else:
+            why = reason
         if code == EXIT_SETUP:
             message = (replica.error or {}).get("message") or replica.exit or ""
             self._fail(message, replica)
@@ -534,11 +562,15 @@ class Supervisor:
             replica.state = "exited"
             if stage.role == "source" and code == 0:
                 return
-            self._fail(f"{reason} (restart = {stage.restart!r})", replica)
+            self._fail(f"{why} (restart = {stage.restart!r})", replica)
             return
         if not self.pipeline.exactly_once and stage.role in _NOT_RESTARTABLE:
             replica.state = "exited"
-            self._fail(f"{reason}; {_NOT_RESTARTABLE[stage.role]}", replica)
+            self._fail(f"{why}; {_NOT_RESTARTABLE[stage.role]}", replica)
+            return
+
+        if pinned:
+            self._restart_pinned(replica, reason)
             return
 
         now = self.clock()
@@ -549,7 +581,7 @@ class Supervisor:
             replica.failures.popleft()
         if len(replica.failures) > stage.max_restarts:
             self._fail(
-                f"{reason}; restarted {stage.max_restarts} times within "
+                f"{why}; restarted {stage.max_restarts} times within "
                 f"{stage.restart_window:g} s, giving up",
                 replica,
             )
@@ -565,6 +597,17 @@ class Supervisor:
             len(replica.failures),
             stage.max_restarts,
             stage.restart_window,
+        )
+
+    def _restart_pinned(self, replica: Replica, reason: str) -> None:
+        replica.state = "backoff"
+        replica.restart_at = self.clock()
+        replica.pending_reason = reason
+        log.warning(
+            "%s restarting at once: the crash is pinned on one input, "
+            "which is quarantined after %d attempts",
+            replica.name,
+            self.pipeline.max_attempts,
         )
 
     def _restart_due(self) -> None:
@@ -674,6 +717,29 @@ class Supervisor:
             self._progress_mark = mark
             self.last_progress = self.clock()
 
+    def _has_progressed(self, stage: Stage) -> bool:
+        """Whether ``stage`` has finished any input yet.
+
+        A replica that crashes soon after it started may never have sent a
+        heartbeat with its counters: inputs counted by a sink are proof that
+        every stage handled some, and the sinks do not die with the workers.
+        """
+        if self.counted():
+            return True
+        key = "counted" if stage.role == "sink" else "processed"
+        return any(r.total(key) for r in self.replicas if r.stage is stage)
+
+    def _check_quarantine(self) -> None:
+        limit = self.pipeline.max_quarantined
+        if self.status == "running" and self.quarantined() > limit:
+            self._fail(
+                f"{self.quarantined()} inputs quarantined, more than "
+                f"pipeline.max_quarantined = {limit}: a stage that fails on this "
+                "many inputs looks broken rather than fed bad data (see "
+                "run/dead-letter.jsonl; raise max_quarantined if the data is "
+                "that dirty)"
+            )
+
     def _signal(self, replica: Replica, signum: int) -> None:
         if replica.pid is None:
             return
@@ -780,6 +846,12 @@ class Supervisor:
         return max(0, self.produced() - self.counted() - self.quarantined())
 
     # -- stopping -------------------------------------------------------------
+
+    def _abort_sinks(self) -> None:
+        """Tell the sinks that the stream will not complete (see RunAborted)."""
+        for replica in self.sinks:
+            if replica.channel is not None and replica.pid is not None:
+                replica.channel.send({"t": "abort"})
 
     def _stop_all(self) -> None:
         """Stop sources, then workers, then sinks: SIGTERM, grace, SIGKILL."""

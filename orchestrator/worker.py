@@ -11,6 +11,7 @@ from typing import Any
 
 import zmq
 
+from .codec import inputs
 from .runtime import (
     HWM_FRAMES,
     Runtime,
@@ -60,7 +61,7 @@ class WorkerRuntime(Runtime):
                 except ValueError as exc:
                     self.dead_letter({"error": str(exc), "frame": repr(data[:200])})
                     continue
-                self.mark(src, key)
+                self.mark(src, key, inputs(counts, items))
                 out, out_counts = self._process(call, ctx, src, key, seq, counts, items)
                 counters["received"] += len(out_counts)
                 counters["processed"] += len(out_counts)

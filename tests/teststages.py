@@ -55,6 +55,25 @@ def exit_on(
     return keep_even(record, ctx)
 
 
+def poison_every(
+    record: dict[str, int],
+    ctx: StageContext,
+    every: int = 250,
+    offset: int = 7,
+    how: str = "raise",
+) -> dict[str, int] | None:
+    """Fail on every input whose number is ``offset`` modulo ``every``."""
+    if record["num"] % every == offset:
+        if how == "exit":
+            os._exit(3)
+        raise ValueError(f"cannot handle {record['num']}")
+    return keep_even(record, ctx)
+
+
+def raise_always(record: Any, ctx: StageContext) -> None:
+    raise ValueError("this stage is broken")
+
+
 def exit_at_once(record: Any, ctx: StageContext) -> None:
     raise SystemExit(1)
 

@@ -170,6 +170,65 @@ def test_poison_input_is_quarantined_once_and_the_rest_is_exact(
         assert entries[0]["error"] == "exit 3"
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_more_poison_inputs_than_max_restarts_are_all_quarantined(
+    ws: Workspace, how: str
+) -> None:
+    # 8 poison inputs, 3 crashes each: 24 crashes, well past max_restarts
+    # (10 by default), and still the data's fault, not the stage's.
+    messages, every, offset = 2000, 250, 6
+    poison = list(range(offset, messages, every))
+    path = ws.classic(
+        messages=messages,
+        worker="teststages:poison_every",
+        worker_params=f'every = {every}, offset = {offset}, how = "{how}"',
+    )
+    code, report = ws.run_json(str(path), timeout=80)
+
+    assert code == 0, report.get("failure")
+    assert report["quarantined"] == len(poison)
+    assert report["collected"] == messages // 2 - len(poison)
+    assert report["summary"]["sum"] == even_sum(messages) - sum(poison)
+    assert report["lost"] == 0
+    dead = (ws.path / "home").glob("*/run/dead-letter.jsonl")
+    entries = [json.loads(line) for f in dead for line in f.read_text().splitlines()]
+    assert sorted(e["record"]["num"] for e in entries) == poison
+
+
+@pytest.mark.timeout(60)
+def test_a_stage_failing_on_many_inputs_fails_the_run_past_max_quarantined(
+    ws: Workspace,
+) -> None:
+    path = ws.classic(
+        messages=2000,
+        worker="teststages:poison_every",
+        worker_params="every = 50, offset = 6",
+        # Small frames: most of them hold no poison, so the stage is seen to
+        # make progress between its crashes.
+        pipeline_extra="max_quarantined = 3\nbatch = 10",
+    )
+    code, report = ws.run_json(str(path), timeout=50)
+
+    assert code == 1
+    assert report["status"] == "failed"
+    assert "more than pipeline.max_quarantined = 3" in report["failure"]
+
+
+@pytest.mark.timeout(60)
+def test_a_stage_that_fails_on_every_input_still_meets_the_restart_limit(
+    ws: Workspace,
+) -> None:
+    # Every crash is pinned on one input, but the stage never finished any:
+    # it is broken, and restart intensity stops it long before quarantine.
+    path = ws.classic(messages=2000, worker="teststages:raise_always")
+    code, report = ws.run_json(str(path), timeout=50)
+
+    assert code == 1
+    assert "giving up" in report["failure"]
+    assert report["quarantined"] < 10
+
+
 def test_accounting_off_reports_loss_honestly(ws: Workspace) -> None:
     messages = 200_000
     text = chaos_pipeline(ws, messages, pipeline_extra='delivery = "at-most-once"')

@@ -352,7 +352,9 @@ def test_source_that_fails_on_every_start_fails_the_run_naming_it(
         run.stop()
 
     assert report["status"] == "failed"
-    assert report["failure"].startswith("producer.0: exit 1; restarted 2 times")
+    assert report["failure"].startswith(
+        "producer.0: exit 1 (RuntimeError: source broke at 5000); restarted 2 times"
+    )
     assert "RuntimeError: source broke at 5000" in report["failed_stage"]["traceback"]
     assert entry(report, "producer.0")["restarts"] == 2
 

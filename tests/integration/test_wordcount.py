@@ -77,9 +77,9 @@ def private_endpoints(ws: Workspace) -> list[str]:
 
 
 def run_wordcount(
-    ws: Workspace, text: Path, output: Path, timeout: float = 120
+    ws: Workspace, text: Path, output: Path, timeout: float = 120, code: int = 0
 ) -> dict[str, object]:
-    code, report = ws.run_json(
+    exit_code, report = ws.run_json(
         str(ROOT / "examples" / "wordcount.toml"),
         "--set",
         f"stages.lines.params.path={text}",
@@ -88,7 +88,7 @@ def run_wordcount(
         *private_endpoints(ws),
         timeout=timeout,
     )
-    assert code == 0, report
+    assert exit_code == code, report
     return report
 
 
@@ -146,3 +146,15 @@ def test_wordcount_reads_standard_input_when_path_is_a_dash(ws: Workspace) -> No
 
     assert result.returncode == 0, result.stderr
     assert json.loads(output.read_text(encoding="utf-8")) == reference_count(text)
+
+
+def test_a_failed_run_leaves_an_earlier_output_file_alone(ws: Workspace) -> None:
+    output = ws.path / "out.json"
+    output.write_text('{"kept": 1}', encoding="utf-8")
+
+    report = run_wordcount(ws, ws.path / "no-such-file.txt", output, code=1)
+
+    assert report["status"] == "failed"
+    assert "No such file" in report["failure"]
+    assert output.read_text(encoding="utf-8") == '{"kept": 1}'
+    assert report["summary"] is None
