@@ -102,6 +102,9 @@ def supervise(
     ``on_ready`` is called once: with None when every stage is ready, or with
     the final report when the run ended before that.
     """
+    # The last run's report goes now, not when this one ends: a run that is
+    # killed leaves none, and must not pass the one before off as its own.
+    (directory / "report.json").unlink(missing_ok=True)
     supervisor = Supervisor(
         loaded, rundir.fresh_run_dir(directory), directory / "logs", on_output
     )

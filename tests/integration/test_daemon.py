@@ -249,6 +249,23 @@ def test_killed_daemon_leaves_no_stage_and_the_next_up_cleans_its_pidfile(
     assert ws.cli("stop", str(path), timeout=30).returncode == 0
 
 
+def test_a_killed_daemon_does_not_pass_off_the_run_before_as_its_own(
+    ws: Workspace, daemons: list[int]
+) -> None:
+    path = _endless(ws)
+    finite = ws.cli("run", str(path), "--set", "stages.producer.params.messages=100")
+    assert finite.returncode == 0, finite.stderr
+    pid = _up(ws, path, daemons)
+
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(pid), timeout=5, message="the daemon to die")
+
+    status = ws.cli("status", str(path), timeout=20)
+    assert status.returncode == 3
+    assert "last run: completed" not in status.stderr
+    assert ws.cli("wait", str(path), timeout=20).returncode == 3
+
+
 def _frame(payload: bytes) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
