@@ -478,8 +478,12 @@ def logs(
 
 def _parse_scale(assignment: str) -> tuple[str, int]:
     stage, sep, count = assignment.partition("=")
-    if not sep or not stage or not count.isdigit() or int(count) < 1:
+    if not sep or not stage or not count.isdigit():
         raise UsageError(f"scale {assignment!r}: expected STAGE=N with N >= 1")
+    if not 1 <= int(count) <= config.MAX_REPLICAS:
+        raise UsageError(
+            f"scale {assignment!r}: N must be from 1 to {config.MAX_REPLICAS}"
+        )
     return stage, int(count)
 
 

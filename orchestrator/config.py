@@ -23,6 +23,10 @@ DELIVERY_MODES = ("exactly-once", "at-most-once")
 RESTART_POLICIES = ("on-failure", "always", "never")
 CODECS = ("msgpack", "json")
 BACKENDS = ("local", "ray")
+# Each replica is a whole process, and the supervisor's single loop forks all
+# the replicas of a stage (or of a `scale`) in one turn: past this, a typo
+# such as replicas = 1000 would fork-bomb the machine instead of failing.
+MAX_REPLICAS = 128
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -170,7 +174,12 @@ class _Checker:
         return value
 
     def integer(
-        self, table: dict[str, Any], path: KeyPath, default: int, minimum: int = 0
+        self,
+        table: dict[str, Any],
+        path: KeyPath,
+        default: int,
+        minimum: int = 0,
+        maximum: int | None = None,
     ) -> int:
         value = table.get(path[-1], default)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -178,6 +187,9 @@ class _Checker:
             return default
         if value < minimum:
             self.fail(path, f"must be at least {minimum}, got {value}")
+            return default
+        if maximum is not None and value > maximum:
+            self.fail(path, f"must be at most {maximum}, got {value}")
             return default
         return value
 
@@ -416,7 +428,9 @@ def _stage(check: _Checker, name: str, value: Any) -> Stage | None:
         name=name,
         call=call,
         command=command,
-        replicas=check.integer(table, at("replicas"), 1, minimum=1),
+        replicas=check.integer(
+            table, at("replicas"), 1, minimum=1, maximum=MAX_REPLICAS
+        ),
         pull=pull,
         push=push,
         params=params,

@@ -33,6 +33,7 @@ import psutil
 
 from . import report
 from .channel import Channel, Message
+from .config import MAX_REPLICAS
 from .errors import ControlRefused, NotRunning
 from .supervisor import Replica, Supervisor
 
@@ -294,8 +295,15 @@ class ControlServer:
         sup = self.supervisor
         stage = self._stage(message, "scale")
         wanted = message.get("replicas")
-        if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
-            raise ControlRefused("scale", f"replicas must be >= 1, got {wanted!r:.40}")
+        if (
+            not isinstance(wanted, int)
+            or isinstance(wanted, bool)
+            or not 1 <= wanted <= MAX_REPLICAS
+        ):
+            raise ControlRefused(
+                "scale",
+                f"replicas must be >= 1 and <= {MAX_REPLICAS}, got {wanted!r:.40}",
+            )
         if stage.role != "worker":
             raise ControlRefused(
                 "scale", f"{stage.name} is a {stage.role}; only workers scale"

@@ -200,6 +200,21 @@ def test_override_is_validated_and_named(tmp_path: Path) -> None:
     ]
 
 
+def test_replicas_above_the_limit_are_refused(tmp_path: Path) -> None:
+    limit = config.MAX_REPLICAS
+    assert load(tmp_path, GOOD.replace("replicas = 2", f"replicas = {limit}"))
+    found = problems(tmp_path, GOOD.replace("replicas = 2", f"replicas = {limit + 1}"))
+    assert found == [
+        f"{tmp_path}/pipeline.toml:11: stages.consumer.replicas: "
+        f"must be at most {limit}, got {limit + 1}"
+    ]
+    found = problems(tmp_path, GOOD, "stages.consumer.replicas=100000")
+    assert found == [
+        "--set stages.consumer.replicas=100000: stages.consumer.replicas: "
+        f"must be at most {limit}, got 100000"
+    ]
+
+
 def test_override_without_equals_is_a_usage_problem(tmp_path: Path) -> None:
     found = problems(tmp_path, GOOD, "stages.consumer.replicas")
     assert "expected KEY=VALUE" in found[0]

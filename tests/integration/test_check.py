@@ -47,3 +47,13 @@ def test_bad_override_exits_2(ws: Workspace) -> None:
         "--set stages.consumer.replicas=0: stages.consumer.replicas: must be at "
         "least 1" in result.stderr
     )
+
+
+def test_too_many_replicas_exit_2(ws: Workspace) -> None:
+    result = ws.cli(
+        "check", str(ROOT / "pipeline.toml"), "--set", "stages.consumer.replicas=100000"
+    )
+    assert result.returncode == 2
+    assert "stages.consumer.replicas: must be at most 128, got 100000" in (
+        result.stderr
+    )

@@ -317,6 +317,31 @@ def test_malformed_control_messages_are_rejected_and_logged(
     assert ws.cli("stop", str(path), timeout=30).returncode == 0
 
 
+def test_scale_beyond_the_replica_limit_is_refused(
+    ws: Workspace, daemons: list[int]
+) -> None:
+    import msgspec
+
+    path = _endless(ws)
+    _up(ws, path, daemons)
+    control = next((ws.path / "home").glob("*/control.sock"))
+
+    # 129 first: without the limit it forks a bounded number, not 2**63.
+    for wanted in (129, 2**63, True, 2.0):
+        request = {"cmd": "scale", "stage": "consumer", "replicas": wanted}
+        raw = _raw(control, _frame(msgspec.msgpack.encode(request)))
+        answer = msgspec.msgpack.decode(raw[4:])  # past the length prefix
+        assert answer["ok"] is False, wanted
+        assert "replicas must be >= 1 and <= 128" in answer["error"]
+    by_cli = ws.cli("scale", "consumer=1000", "-p", str(path), timeout=20)
+    assert by_cli.returncode == 2
+    assert "N must be from 1 to 128" in by_cli.stderr
+
+    code, report = _status(ws, path)
+    assert code == 0 and len(_consumers(report)) == 2
+    assert ws.cli("stop", str(path), timeout=30).returncode == 0
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
