@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from . import (
     __version__,
@@ -156,10 +157,18 @@ def _echo_output(replica: Replica, line: str) -> None:
     print(f"{stamp} {replica.name} | {line}", file=sys.stderr, flush=True)
 
 
+def print_error(message: str, *, soft_wrap: bool = False) -> None:
+    """``error: MESSAGE`` on stderr, the message exactly as written.
+
+    Messages quote the user's paths, endpoints and values; read as rich markup,
+    ``[/y]`` in a path would crash the print and ``[bold]`` would vanish.
+    """
+    line = Text.assemble(("error:", "bold red"), " ", message)
+    err_console.print(line, highlight=False, soft_wrap=soft_wrap)
+
+
 def fail(exc: OrchestratorError) -> typer.Exit:
-    err_console.print(
-        f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True
-    )
+    print_error(str(exc), soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -261,13 +270,12 @@ def run(
         report.render(result, Console())
     code = final_exit_code(result)
     if result["status"] == "timeout":
-        err_console.print(
-            f"[bold red]error:[/] timeout: the run did not finish within "
-            f"{timeout:g} s; every stage was stopped",
-            highlight=False,
+        print_error(
+            f"timeout: the run did not finish within {timeout:g} s; "
+            "every stage was stopped"
         )
     for mismatch in mismatches.values():
-        err_console.print(f"[bold red]error:[/] {mismatch}", highlight=False)
+        print_error(mismatch)
     raise typer.Exit(code or (EXIT_FAILED if mismatches else 0))
 
 
@@ -410,7 +418,9 @@ def status(
             )
         if last_run is not None and not json_output:
             err_console.print(
-                f"last run: {last_run['status']} (report: {last})", highlight=False
+                f"last run: {last_run['status']} (report: {last})",
+                markup=False,
+                highlight=False,
             )
         raise fail(exc) from exc
     except OrchestratorError as exc:
@@ -533,10 +543,9 @@ def scale(
     if json_output:
         print(json.dumps(summary))
     elif result is None:
-        err_console.print(
-            f"[bold red]error:[/] {stage}: asked for {count} replicas, not all "
-            f"ready after {budget:g} s; see `orchestrator status`",
-            highlight=False,
+        print_error(
+            f"{stage}: asked for {count} replicas, not all "
+            f"ready after {budget:g} s; see `orchestrator status`"
         )
     else:
         pids = [w["pid"] for w in result["workers"] if w["stage"] == stage]
@@ -584,10 +593,8 @@ def restart(
     except OrchestratorError as exc:
         raise fail(exc) from exc
     if result is None:
-        err_console.print(
-            f"[bold red]error:[/] {target}: not ready again after "
-            f"{budget:g} s; see `orchestrator status`",
-            highlight=False,
+        print_error(
+            f"{target}: not ready again after {budget:g} s; see `orchestrator status`"
         )
         raise typer.Exit(EXIT_FAILED)
     if json_output:
@@ -667,6 +674,7 @@ def wait(
             err_console.print(
                 f"no daemon running; the last run ended at "
                 f"{result.get('finished_at', '?')}: {result['status']}",
+                markup=False,
                 highlight=False,
             )
             _print_final(result, json_output)
@@ -677,10 +685,7 @@ def wait(
             try:
                 final = client.receive(timeout=timeout)
             except TimeoutError:
-                err_console.print(
-                    f"[bold red]error:[/] still running after {timeout:g} s",
-                    highlight=False,
-                )
+                print_error(f"still running after {timeout:g} s")
                 raise typer.Exit(EXIT_FAILED) from None
     except OrchestratorError as exc:
         raise fail(exc) from exc
@@ -689,11 +694,7 @@ def wait(
     else:  # it hung up without a word: killed, or it ended as we asked
         result = json.loads(last.read_text()) if last.exists() else {}
         if result.get("supervisor_pid") != pid:
-            err_console.print(
-                f"[bold red]error:[/] supervisor pid {pid} ended "
-                "without a report (killed?)",
-                highlight=False,
-            )
+            print_error(f"supervisor pid {pid} ended without a report (killed?)")
             raise typer.Exit(EXIT_FAILED)
     _print_final(result, json_output)
     raise typer.Exit(final_exit_code(result))

@@ -258,4 +258,9 @@ def render_status(result: dict[str, Any], console: Console) -> None:
         highlight=False,
     )
     if result.get("failure"):
-        console.print(f"[bold red]{result['status']}:[/] {result['failure']}")
+        # The failure quotes stage output and user values: never markup.
+        console.print(
+            Text.assemble(
+                (f"{result['status']}:", "bold red"), " ", str(result["failure"])
+            )
+        )

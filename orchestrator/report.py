@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .supervisor import Supervisor
 
@@ -158,13 +159,19 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"duplicates dropped {report['duplicates_dropped']}  "
         f"restarts {report['restarts']}"
     )
-    console.print(
+    console.print(  # per_consumer's keys come from the sink's summary
         f"per consumer {report['per_consumer']}  "
         f"duration {report['duration_s']:.3f} s  "
-        f"throughput {report['throughput']:,.0f} inputs/s"
+        f"throughput {report['throughput']:,.0f} inputs/s",
+        markup=False,
     )
     if report.get("failure"):
-        console.print(f"[bold red]{report['status']}:[/] {report['failure']}")
+        # The failure quotes stage output and user values: never markup.
+        console.print(
+            Text.assemble(
+                (f"{report['status']}:", "bold red"), " ", str(report["failure"])
+            )
+        )
     failed = report.get("failed_stage")
     if failed and (failed.get("traceback") or failed.get("tail")):
         console.print("last output of the failed stage:")

@@ -57,3 +57,34 @@ def test_too_many_replicas_exit_2(ws: Workspace) -> None:
     assert "stages.consumer.replicas: must be at most 128, got 100000" in (
         result.stderr
     )
+
+
+def test_brackets_in_an_endpoint_are_printed_as_written(ws: Workspace) -> None:
+    endpoint = "ipc:///tmp/x[/y].sock"
+    result = ws.cli(
+        "check",
+        str(ROOT / "pipeline.toml"),
+        "--set",
+        f"stages.consumer.push.connect={endpoint}",
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"stages.consumer.push.connect: nobody binds {endpoint}" in result.stderr
+
+
+def test_brackets_in_a_value_are_not_read_as_markup(ws: Workspace) -> None:
+    result = ws.cli(
+        "check",
+        str(ROOT / "pipeline.toml"),
+        "--set",
+        'stages.consumer.replicas="[bold]x[/bold]"',
+    )
+    assert result.returncode == 2
+    assert 'expected an integer, got "[bold]x[/bold]"' in result.stderr
+
+
+def test_missing_metrics_extra_names_it_in_full(ws: Workspace) -> None:
+    # Shadows the real package: the CLI runs in ws.path, first on sys.path.
+    ws.write("raise ImportError('hidden by the test')\n", "prometheus_client.py")
+    result = ws.cli("run", str(ws.classic(messages=10)), "--metrics", "127.0.0.1:9464")
+    assert result.returncode == 2
+    assert "pip install 'zmq-orchestrator[metrics]'" in result.stderr
