@@ -43,6 +43,8 @@ _SIZE_UNITS = {
 _ENDPOINT = re.compile(
     r"^(?:tcp://(?P<host>[^:/]+|\[[^\]]+\]):(?P<port>\d+|\*)|ipc://.+)$"
 )
+# TCP ports are 16 bits; ZeroMQ takes a larger number modulo 2**16 silently.
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -478,17 +480,42 @@ def _socket(check: _Checker, value: Any, path: KeyPath) -> Socket | None:
         check.fail(path, 'needs exactly one of "bind" or "connect"')
         return None
     if bind is not None:
-        if not isinstance(bind, str) or not _ENDPOINT.match(bind):
-            check.fail(path + ("bind",), _endpoint_hint(bind))
+        problem = _endpoint_problem(bind)
+        if problem is not None:
+            check.fail(path + ("bind",), problem)
             return None
         return Socket(bind=bind)
     if not isinstance(connect, list) or not all(isinstance(e, str) for e in connect):
         check.fail(path + ("connect",), "expected an endpoint or an array of them")
         return None
-    bad = [e for e in connect if not _ENDPOINT.match(e) or e.endswith(":*")]
-    for endpoint in bad:
-        check.fail(path + ("connect",), _endpoint_hint(endpoint))
-    return None if bad else Socket(connect=tuple(connect))
+    found = [_connect_problem(endpoint) for endpoint in connect]
+    for problem in filter(None, found):
+        check.fail(path + ("connect",), problem)
+    return None if any(found) else Socket(connect=tuple(connect))
+
+
+def _endpoint_problem(value: Any) -> str | None:
+    """Why ``value`` is not an endpoint a stage can use, or None if it is."""
+    found = _ENDPOINT.match(value) if isinstance(value, str) else None
+    if found is None:
+        return _endpoint_hint(value)
+    port = found["port"]
+    if port is None or port == "*":
+        return None
+    if int(port) == 0:
+        return (
+            "port 0 lets the OS pick a free port, which the stages on the other "
+            f"side could not know; use a port from 1 to {MAX_PORT}"
+        )
+    if int(port) > MAX_PORT:
+        return f"port must be from 1 to {MAX_PORT}, got {int(port)}"
+    return None
+
+
+def _connect_problem(endpoint: str) -> str | None:
+    if endpoint.endswith(":*"):  # "any port" means nothing to a connect
+        return _endpoint_hint(endpoint)
+    return _endpoint_problem(endpoint)
 
 
 def _endpoint_hint(value: Any) -> str:

@@ -110,6 +110,36 @@ def test_endpoint_nobody_binds(tmp_path: Path) -> None:
     )
 
 
+def _on_tcp(endpoint: str) -> str:
+    """GOOD with the producer's work endpoint on ``endpoint``."""
+    return GOOD.replace('"ipc:///tmp/x-work"', f'"{endpoint}"')
+
+
+def test_tcp_ports_out_of_range_are_refused(tmp_path: Path) -> None:
+    endpoint = "tcp://127.0.0.1:99999"
+    found = problems(tmp_path, _on_tcp(endpoint))
+    assert (
+        f"{tmp_path}/pipeline.toml:6: stages.producer.push.bind: "
+        "port must be from 1 to 65535, got 99999" in found
+    )
+    assert (
+        f"{tmp_path}/pipeline.toml:12: stages.consumer.pull.connect: "
+        "port must be from 1 to 65535, got 99999" in found
+    )
+    top = "tcp://127.0.0.1:65535"
+    pipeline = load(tmp_path, _on_tcp(top))
+    assert pipeline.stage("producer").push == config.Socket(bind=top)
+
+
+def test_tcp_port_0_is_refused_with_the_reason(tmp_path: Path) -> None:
+    found = problems(tmp_path, GOOD, 'stages.producer.push.bind="tcp://*:0"')
+    assert any(
+        "stages.producer.push.bind: port 0 lets the OS pick" in p
+        and "could not know" in p
+        for p in found
+    )
+
+
 def test_endpoint_bound_twice(tmp_path: Path) -> None:
     text = GOOD.replace(
         'push = { connect = "ipc:///tmp/x-results" }',

@@ -88,3 +88,16 @@ def test_missing_metrics_extra_names_it_in_full(ws: Workspace) -> None:
     result = ws.cli("run", str(ws.classic(messages=10)), "--metrics", "127.0.0.1:9464")
     assert result.returncode == 2
     assert "pip install 'zmq-orchestrator[metrics]'" in result.stderr
+
+
+def test_tcp_port_out_of_range_exits_2(ws: Workspace) -> None:
+    result = ws.cli(
+        "check",
+        str(ROOT / "pipeline.toml"),
+        "--set",
+        "stages.producer.push.bind=tcp://127.0.0.1:99999",
+    )
+    assert result.returncode == 2
+    assert "stages.producer.push.bind: port must be from 1 to 65535, got 99999" in (
+        result.stderr
+    )
