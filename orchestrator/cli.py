@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,6 +47,7 @@ from .errors import (
     EXIT_USAGE,
     NotRunning,
     OrchestratorError,
+    OutputNotWritten,
     UsageError,
 )
 from .metrics import Metrics
@@ -246,6 +248,9 @@ def run(
 
     try:
         expectations = smoke.parse(expect)
+        for option, path in (("--report", report_file), ("--junit", junit)):
+            if path is not None:
+                check_writable(option, path)
         loaded = load_pipeline(pipeline, set_)
         exporter = Metrics(metrics) if metrics else None
         result = run_pipeline(loaded, timeout, prepare)
@@ -260,15 +265,16 @@ def run(
         result["expectations"] = {
             str(e): mismatches.get(str(e), "ok") for e in expectations
         }
-    if report_file is not None:
-        daemon.write_report(report_file, result)
-    if junit is not None:
-        smoke.write_junit(junit, result, expectations, mismatches)
     if json_output:
         print(json.dumps(result, default=str))
     else:
         report.render(result, Console())
     code = final_exit_code(result)
+    try:
+        write_outputs(report_file, junit, result, expectations, mismatches)
+    except OrchestratorError as exc:
+        print_error(str(exc), soft_wrap=True)
+        code = code or exc.exit_code
     if result["status"] == "timeout":
         print_error(
             f"timeout: the run did not finish within {timeout:g} s; "
@@ -277,6 +283,45 @@ def run(
     for mismatch in mismatches.values():
         print_error(mismatch)
     raise typer.Exit(code or (EXIT_FAILED if mismatches else 0))
+
+
+def check_writable(option: str, path: Path) -> None:
+    """Refuse, before anything starts, an output file the run could not write."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise UsageError(f"{option} {path}: directory {directory} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: directory {directory} is not writable")
+
+
+def write_outputs(
+    report_file: Path | None,
+    junit: Path | None,
+    result: dict[str, Any],
+    expectations: list[smoke.Expectation],
+    mismatches: dict[str, str],
+) -> None:
+    """The files asked for with --report and --junit.
+
+    What the OS refuses at this point (a full disk, a directory removed during
+    the run) becomes an error of the run, not a traceback.
+    """
+    if report_file is not None:
+        with _writing("--report", report_file):
+            daemon.write_report(report_file, result)
+    if junit is not None:
+        with _writing("--junit", junit):
+            smoke.write_junit(junit, result, expectations, mismatches)
+
+
+@contextlib.contextmanager
+def _writing(option: str, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise OutputNotWritten(option, str(path), exc.strerror or str(exc)) from exc
 
 
 def run_pipeline(

@@ -60,6 +60,17 @@ class UsageError(OrchestratorError):
     exit_code = EXIT_USAGE
 
 
+class OutputNotWritten(OrchestratorError):
+    """A file asked for on the command line (--report, --junit) could not be
+    written at the end of the run."""
+
+    def __init__(self, option: str, path: str, reason: str) -> None:
+        self.option = option
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{option} {path}: could not write it: {reason}")
+
+
 class ClusterError(OrchestratorError):
     """The ray backend cannot use the cluster: unreachable, refused, no room."""
 

@@ -437,6 +437,61 @@ def test_bad_expect_is_a_usage_error(ws: Workspace) -> None:
     assert "use FIELD=VALUE" in result.stderr
 
 
+@pytest.mark.parametrize("option", ["--report", "--junit"])
+def test_output_in_a_missing_directory_is_refused_before_the_run(
+    ws: Workspace, option: str
+) -> None:
+    result = ws.cli("run", str(ws.classic(messages=10)), option, "/nonexistent/r.x")
+
+    assert result.returncode == 2
+    assert f"{option} /nonexistent/r.x: directory /nonexistent does not exist" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not list((ws.path / "home").glob("*/logs/*.log"))  # nothing started
+
+
+REMOVER = """
+import os
+
+
+def remove_then_count(ctx, path, messages=10):
+    os.rmdir(path)  # the run's report directory, gone before the run ends
+    for num in range(messages):
+        yield {"num": num}
+"""
+
+
+def test_report_that_cannot_be_written_at_the_end_is_a_clean_error(
+    ws: Workspace,
+) -> None:
+    ws.write(REMOVER, "remover.py")
+    out = ws.path / "out"
+    out.mkdir()
+    path = ws.classic(messages=10)
+    path.write_text(
+        path.read_text()
+        .replace("teststages:numbers", "remover:remove_then_count")
+        .replace("messages = 10 ", f'messages = 10, path = "{out}" ')
+    )
+
+    result = ws.cli("run", str(path), "--json", "--report", str(out / "r.json"))
+
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["status"] == "completed"
+    assert f"--report {out}/r.json: could not write it: No such file" in (result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_junit_on_a_full_disk_is_a_clean_error(ws: Workspace) -> None:
+    result = ws.cli("run", str(ws.classic(messages=10)), "--junit", "/dev/full")
+
+    assert result.returncode == 1
+    assert "pipeline t: completed" in result.stdout  # the report is still shown
+    assert "--junit /dev/full: could not write it: No space left" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_live_display_in_a_terminal(ws: Workspace) -> None:
     pexpect = pytest.importorskip("pexpect")
     path = _paced(ws.classic(messages=6000), 6000, 3000)
