@@ -247,6 +247,7 @@ def run(
             display.PlainProgress(supervisor, sys.stdout)
 
     try:
+        check_timeout(timeout)
         expectations = smoke.parse(expect)
         for option, path in (("--report", report_file), ("--junit", junit)):
             if path is not None:
@@ -283,6 +284,12 @@ def run(
     for mismatch in mismatches.values():
         print_error(mismatch)
     raise typer.Exit(code or (EXIT_FAILED if mismatches else 0))
+
+
+def check_timeout(timeout: float | None) -> None:
+    # `not > 0` also refuses nan, a deadline no clock ever reaches.
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"--timeout {timeout:g}: must be above 0 seconds")
 
 
 def check_writable(option: str, path: Path) -> None:
@@ -390,6 +397,7 @@ def up(
     """Start a pipeline in the background; return once every stage is ready."""
     setup_logging(quiet or json_output)
     try:
+        check_timeout(timeout)
         loaded = load_pipeline(pipeline, set_)
         exporter = Metrics(metrics) if metrics else None
         directory = rundir.pipeline_dir(loaded)

@@ -17,6 +17,44 @@ from rich.text import Text
 from .supervisor import Supervisor
 
 STATUS_EXIT = {"completed": 0, "failed": 1, "timeout": 1}
+# Every top-level field of a finished run's report (build()'s, then those
+# daemon.supervise adds), by kind, so that `--expect` can refuse one the
+# report cannot have before the run starts.  A "map" is one a dotted key
+# (per_consumer.0, summary.words) reaches into; a "number" is always one.
+FIELDS = {
+    **dict.fromkeys(
+        (
+            "produced",
+            "collected",
+            "counted_inputs",
+            "lost",
+            "redelivered",
+            "duplicates_dropped",
+            "quarantined",
+            "restarts",
+            "duration_s",
+            "throughput",
+            "supervisor_pid",
+        ),
+        "number",
+    ),
+    **dict.fromkeys(("per_consumer", "summary", "failed_stage"), "map"),
+    **dict.fromkeys(
+        (
+            "pipeline",
+            "status",
+            "failure",
+            "delivery",
+            "workers",
+            "ready_s",
+            "signal",
+            "finished_at",
+            "retired",
+            "stopped_by",
+        ),
+        "value",
+    ),
+}
 
 
 def build(sup: Supervisor) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 An expectation is ``FIELD=VALUE`` (also ``>=``, ``<=``) on a top-level field
 of the report (``collected=10000``, ``lost=0``, ``status=completed``), or on
-a key of a map in it (``per_consumer.0>=1``).
+a key of a map in it (``per_consumer.0>=1``).  A field no report has, or a
+comparison no value could meet, is refused before the run starts.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .report import FIELDS
 
 _EXPECT = re.compile(r"^(?P<field>[\w.]+)\s*(?P<op>>=|<=|==|=)\s*(?P<value>.+)$")
 
@@ -35,7 +38,11 @@ class Expectation:
                 return f"expected {self}, but the report has no {self.field!r}"
             found = found[part]
         if self.op in ("=", "=="):
-            ok = str(found) == self.value
+            wanted = _number(self.value)
+            if _is_number(found) and wanted is not None:
+                ok = found == wanted  # 1e4 and 10000.0 are 10000
+            else:
+                ok = str(found) == self.value
         else:
             try:
                 number, wanted = float(found), float(self.value)
@@ -45,7 +52,20 @@ class Expectation:
         return None if ok else f"expected {self}, got {self.field}={found}"
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse(items: list[str] | None) -> list[Expectation]:
+    """The expectations; a usage error, before any run, for one that no
+    report could meet."""
     expectations = []
     for item in items or ():
         found = _EXPECT.match(item.strip())
@@ -54,8 +74,28 @@ def parse(items: list[str] | None) -> list[Expectation]:
                 f"--expect {item!r}: use FIELD=VALUE, FIELD>=VALUE or FIELD<=VALUE, "
                 "e.g. --expect collected=10000"
             )
-        expectations.append(Expectation(found["field"], found["op"], found["value"]))
+        expectation = Expectation(found["field"], found["op"], found["value"])
+        problem = _problem(expectation)
+        if problem is not None:
+            raise UsageError(f"--expect {item!r}: {problem}")
+        expectations.append(expectation)
     return expectations
+
+
+def _problem(expectation: Expectation) -> str | None:
+    top, dotted, _ = expectation.field.partition(".")
+    kind = FIELDS.get(top)
+    if kind is None:
+        close = difflib.get_close_matches(top, sorted(FIELDS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"the report has no field {top!r}{hint}"
+    if dotted and kind != "map":
+        maps = ", ".join(name for name, of in FIELDS.items() if of == "map")
+        return f"{top!r} is not a map; a dotted key reaches into one of {maps}"
+    numeric = expectation.op in (">=", "<=") or (kind == "number" and not dotted)
+    if numeric and _number(expectation.value) is None:
+        return f"{expectation.value!r} is not a number"
+    return None
 
 
 def check(report: dict[str, Any], expectations: list[Expectation]) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,56 @@ def test_expectations_compare_equal_at_least_and_at_most() -> None:
 
 
 def test_mismatch_says_what_was_found() -> None:
-    expectations = smoke.parse(["collected=999", "produced>=30000", "nothing=1"])
+    expectations = smoke.parse(["collected=999", "produced>=30000", "per_consumer.7=1"])
     assert smoke.check(REPORT, expectations) == {
         "collected=999": "expected collected=999, got collected=10000",
         "produced>=30000": "expected produced>=30000, got produced=20000",
-        "nothing=1": "expected nothing=1, but the report has no 'nothing'",
+        "per_consumer.7=1": (
+            "expected per_consumer.7=1, but the report has no 'per_consumer.7'"
+        ),
     }
+
+
+def test_numbers_are_compared_as_numbers() -> None:
+    same = smoke.parse(["collected=10000.0", "collected=1e4", "per_consumer.0=5e3"])
+    assert smoke.check(REPORT, same) == {}
+    assert smoke.check(REPORT, smoke.parse(["collected=10000.5"])) != {}
 
 
 @pytest.mark.parametrize("bad", ["collected", "=3", "collected>3"])
 def test_unreadable_expectation_is_a_usage_error(bad: str) -> None:
     with pytest.raises(UsageError, match="FIELD=VALUE"):
         smoke.parse([bad])
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("nosuch=1", "the report has no field 'nosuch'"),
+        ("collectd=1", "did you mean 'collected'?"),
+        ("collected=abc", "'abc' is not a number"),
+        ("lost<=none", "'none' is not a number"),
+        ("per_consumer.0>=x", "'x' is not a number"),
+        ("collected.x=1", "'collected' is not a map"),
+    ],
+)
+def test_expectation_no_report_could_meet_is_a_usage_error(
+    bad: str, reason: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(reason)):
+        smoke.parse([bad])
+
+
+def test_dotted_keys_into_maps_and_text_fields_stay_allowed() -> None:
+    expectations = smoke.parse(
+        ["per_consumer.0>=1", "summary.words=3", "status=completed", "failure=None"]
+    )
+    assert [str(e) for e in expectations] == [
+        "per_consumer.0>=1",
+        "summary.words=3",
+        "status=completed",
+        "failure=None",
+    ]
 
 
 def test_junit_has_one_case_for_the_run_and_one_per_expectation(

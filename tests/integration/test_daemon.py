@@ -437,6 +437,33 @@ def test_bad_expect_is_a_usage_error(ws: Workspace) -> None:
     assert "use FIELD=VALUE" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--timeout", "-1", "--timeout -1: must be above 0 seconds"),
+        ("--timeout", "0", "--timeout 0: must be above 0 seconds"),
+        ("--expect", "nosuch=1", "the report has no field 'nosuch'"),
+        ("--expect", "collected=abc", "'abc' is not a number"),
+    ],
+)
+def test_options_no_run_could_meet_are_refused_before_it_starts(
+    ws: Workspace, option: str, value: str, message: str
+) -> None:
+    result = ws.cli("run", str(ws.classic(messages=10)), f"{option}={value}")
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not list((ws.path / "home").glob("*/logs/*.log"))  # nothing started
+
+
+def test_up_refuses_a_timeout_below_zero(ws: Workspace, daemons: list[int]) -> None:
+    result = ws.cli("up", str(_endless(ws)), "--timeout=-1")
+
+    assert result.returncode == 2
+    assert "--timeout -1: must be above 0 seconds" in result.stderr
+    assert _pidfile(ws) is None
+
+
 @pytest.mark.parametrize("option", ["--report", "--junit"])
 def test_output_in_a_missing_directory_is_refused_before_the_run(
     ws: Workspace, option: str

@@ -80,6 +80,15 @@ def test_report_json_has_the_documented_fields(ws: Workspace) -> None:
     }
 
 
+def test_every_field_of_a_report_is_one_expect_knows(ws: Workspace) -> None:
+    from orchestrator.report import FIELDS
+
+    code, report = ws.run_json(str(ws.classic(messages=100)), "--expect", "lost=0")
+
+    assert code == 0, report
+    assert set(report) - {"expectations"} <= set(FIELDS)
+
+
 def test_stages_start_collector_first_then_consumers_then_producer(
     ws: Workspace,
 ) -> None:
