@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .errors import WouldOverwrite
+from .errors import UsageError, WouldOverwrite
 
 MODULE = "my_stages"
 
@@ -117,11 +117,17 @@ def files(directory: Path) -> dict[Path, str]:
 
 def init(directory: Path, force: bool = False) -> list[Path]:
     """Write a new pipeline into ``directory``; never overwrite without ``force``."""
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory; name a directory to init")
     wanted = files(directory)
     existing = [path for path in wanted if path.exists()]
     if existing and not force:
         raise WouldOverwrite(existing)
-    directory.mkdir(parents=True, exist_ok=True)
-    for path, text in wanted.items():
-        path.write_text(text, encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for path, text in wanted.items():
+            path.write_text(text, encoding="utf-8")
+    except OSError as exc:  # a file on the way, no permission, a full disk
+        where = exc.filename or directory
+        raise UsageError(f"cannot write {where}: {exc.strerror or exc}") from exc
     return list(wanted)

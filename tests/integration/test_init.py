@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import Workspace
 
 
@@ -45,3 +47,23 @@ def test_init_never_overwrites_without_force(ws: Workspace) -> None:
     assert forced.returncode == 0, forced.stderr
     assert "[stages.transform]" in (ws.path / "pipeline.toml").read_text()
     assert ws.cli("check").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("taken", "error: taken is not a directory"),
+        ("taken/sub", "error: cannot write taken/sub: Not a directory"),
+    ],
+)
+def test_init_into_a_file_is_a_clean_error(
+    ws: Workspace, target: str, message: str
+) -> None:
+    (ws.path / "taken").write_text("# a file\n")
+
+    result = ws.cli("init", target)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (ws.path / "taken").read_text() == "# a file\n"
