@@ -45,6 +45,7 @@ from .errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_USAGE,
+    ConfigError,
     NotRunning,
     OrchestratorError,
     OutputNotWritten,
@@ -176,15 +177,37 @@ def fail(exc: OrchestratorError) -> typer.Exit:
 
 @app.command()
 def check(
-    pipeline: PipelineArg = Path("pipeline.toml"), set_: SetOption = None
+    pipeline: PipelineArg = Path("pipeline.toml"),
+    set_: SetOption = None,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print the plan, or the problems, as JSON."),
+    ] = False,
 ) -> None:
     """Validate a pipeline file and print the plan; exit 2 if it is invalid."""
     try:
         loaded = load_pipeline(pipeline, set_)
     except OrchestratorError as exc:
-        raise fail(exc) from exc
+        if not json_output:
+            raise fail(exc) from exc
+        print(json.dumps(error_json(exc)))
+        raise typer.Exit(exc.exit_code) from exc
+    if json_output:
+        print(json.dumps(topology.plan(loaded)))
+        return
     print("\n".join(topology.describe(loaded)))
     print("ok")
+
+
+def error_json(exc: OrchestratorError) -> dict[str, Any]:
+    """An error as JSON: a ConfigError's problems one by one, located."""
+    if not isinstance(exc, ConfigError):
+        return {"ok": False, "error": str(exc)}
+    problems = [
+        {"file": p.source, "line": p.line, "key": p.key, "message": p.message}
+        for p in exc.problems
+    ]
+    return {"ok": False, "problems": problems}
 
 
 @app.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from .config import Pipeline, Stage
 from .errors import Problem
@@ -188,3 +189,39 @@ def describe(pipeline: Pipeline) -> list[str]:
     )
     lines.append(f"start order: {order}")
     return lines
+
+
+def plan(pipeline: Pipeline) -> dict[str, Any]:
+    """The plan as one JSON-ready map, for ``orchestrator check --json``."""
+    return {
+        "ok": True,
+        "pipeline": pipeline.name,
+        "path": str(pipeline.path),
+        "delivery": pipeline.delivery,
+        "batch": pipeline.batch,
+        "window": pipeline.window,
+        "codec": pipeline.codec,
+        "stages": [_stage_plan(stage) for stage in pipeline.stages],
+        "start_order": [
+            [stage.name for stage in group] for group in start_order(pipeline)
+        ],
+    }
+
+
+def _stage_plan(stage: Stage) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": stage.name,
+        "role": stage.role,
+        "replicas": stage.replicas,
+        "call": stage.call,
+        "command": list(stage.command) if stage.command else None,
+    }
+    for side in ("pull", "push"):
+        socket = getattr(stage, side)
+        if socket is None:
+            entry[side] = None
+        elif socket.bind:
+            entry[side] = {"bind": socket.bind}
+        else:
+            entry[side] = {"connect": list(socket.connect)}
+    return entry

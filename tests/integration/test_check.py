@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tests.conftest import ROOT, Workspace
 
 
@@ -101,3 +103,38 @@ def test_tcp_port_out_of_range_exits_2(ws: Workspace) -> None:
     assert "stages.producer.push.bind: port must be from 1 to 65535, got 99999" in (
         result.stderr
     )
+
+
+def test_check_json_prints_the_plan_as_one_object(ws: Workspace) -> None:
+    result = ws.cli("check", str(ROOT / "pipeline.toml"), "--json")
+
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["start_order"] == [["collector"], ["consumer"], ["producer"]]
+    stages = {stage["name"]: stage for stage in plan["stages"]}
+    assert stages["consumer"]["replicas"] == 2
+    assert stages["consumer"]["role"] == "worker"
+    assert stages["consumer"]["pull"] == {"connect": ["tcp://127.0.0.1:5557"]}
+    assert stages["producer"]["push"] == {"bind": "tcp://127.0.0.1:5557"}
+    assert stages["producer"]["pull"] is None
+
+
+def test_check_json_lists_the_problems_and_exits_2(ws: Workspace) -> None:
+    text = (ROOT / "pipeline.toml").read_text().replace("replicas = 2", "replica = 2")
+    path = ws.write(text)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "replica = 2" in t)
+
+    result = ws.cli("check", str(path), "--json")
+
+    assert result.returncode == 2
+    assert json.loads(result.stdout) == {
+        "ok": False,
+        "problems": [
+            {
+                "file": str(path),
+                "line": line,
+                "key": "stages.consumer.replica",
+                "message": "unknown key (did you mean 'replicas'?)",
+            }
+        ],
+    }
