@@ -40,7 +40,8 @@ from typing import Any
 from plain_launcher import PlainLauncher
 
 from orchestrator import config, stagefn
-from orchestrator.supervisor import Replica, Supervisor
+from orchestrator.replicastate import Replica
+from orchestrator.supervisor import Supervisor
 
 HERE = Path(__file__).resolve().parent
 # Let a replacement settle (connect, take a few frames) before the next kill.

@@ -52,7 +52,8 @@ from .errors import (
     UsageError,
 )
 from .metrics import Metrics
-from .supervisor import Replica, Supervisor
+from .replicastate import Replica
+from .supervisor import Supervisor
 
 # "\b" keeps click from re-flowing a paragraph: one example per line.
 EXAMPLES = """

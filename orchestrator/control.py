@@ -35,7 +35,8 @@ from . import report
 from .channel import Channel, Message
 from .config import MAX_REPLICAS
 from .errors import ControlRefused, NotRunning
-from .supervisor import Replica, Supervisor
+from .replicastate import Replica
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

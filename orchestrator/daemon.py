@@ -27,7 +27,9 @@ import psutil
 from . import config, report, rundir
 from .control import ControlServer, retired_entry
 from .errors import OrchestratorError
-from .supervisor import LOG_BACKUPS, LOG_BYTES, Replica, Supervisor
+from .output import LOG_BACKUPS, LOG_BYTES
+from .replicastate import Replica
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

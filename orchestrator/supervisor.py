@@ -13,37 +13,31 @@ import contextlib
 import logging
 import mmap
 import os
-import random
 import selectors
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any
 
-from . import command, topology
+from . import topology
 from .channel import Channel
 from .config import Pipeline, Stage
 from .health import HealthMonitor
 from .launcher import Launcher, for_pipeline
+from .output import OutputReader, log_handler
+from .replicastate import Replica, backoff_delay, describe_exit
 from .runtime import EXIT_SETUP, SLOT, ReplicaSpec
+from .wakeup import WakeupPipe
+from .watchdog import HEALTH_REASONS, Watchdog
 
 log = logging.getLogger(__name__)
 
-# A replica that has run this long without trouble starts its back-off over.
-HEALTHY_AFTER_S = 10.0
-# Lines of a stage's output kept to explain its death.
-TAIL_LINES = 20
 # Without delivery accounting, a run whose sources are done and whose counts
 # have not moved for this long is over, with whatever was lost, lost.
 SETTLE_S = 1.0
 # How long to wait for reaping after SIGKILL before giving up on a process.
 KILL_WAIT_S = 2.0
-# Why the supervisor itself ended a replica that had not crashed.
-HEALTH_REASONS = ("hung", "max_rss", "max_cpu")
 # Without the sink's ledger (delivery = "at-most-once") these roles cannot
 # be restarted without making the run's counts lie.
 _NOT_RESTARTABLE = {
@@ -51,87 +45,6 @@ _NOT_RESTARTABLE = {
     "stream again from the start (duplicates), so it is not restarted",
     "sink": "with at-most-once delivery what the sink had counted died with "
     "it, so it is not restarted",
-}
-# Reads of a dead replica's output pipe before closing it regardless.
-DRAIN_CHUNKS = 16
-# Rotate a replica's log file at this size, keeping this many old ones.
-LOG_BYTES = 10 * 2**20
-LOG_BACKUPS = 3
-
-
-@dataclass
-class Replica:
-    """One process slot of a stage, across all its incarnations."""
-
-    stage: Stage
-    index: int
-    log_handler: logging.Handler
-    pid: int | None = None
-    last_pid: int | None = None
-    state: str = "pending"
-    channel: Channel | None = None
-    output: int | None = None
-    slot: mmap.mmap | None = None
-    epoch: int = 0
-    started_at: float = 0.0
-    ready_at: float | None = None
-    last_heartbeat: float = 0.0
-    counters: dict[str, Any] = field(default_factory=dict)
-    totals: dict[str, Any] = field(default_factory=dict)
-    restarts: list[dict[str, Any]] = field(default_factory=list)
-    failures: deque[float] = field(default_factory=deque)
-    exit: str | None = None
-    exit_code: int | None = None
-    stop_requested: bool = False
-    # What a stop we asked for leads to: None (stay stopped), "restart"
-    # (orchestrator restart) or "retire" (orchestrator scale, going down).
-    after_stop: str | None = None
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
-    partial: bytes = b""
-    restart_at: float | None = None
-    pending_reason: str | None = None
-    summary: Any = None
-    error: dict[str, Any] | None = None
-    first_input_at: float | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"{self.stage.name}.{self.index}"
-
-    @property
-    def alive(self) -> bool:
-        return self.pid is not None
-
-    def total(self, key: str) -> Any:
-        """A counter over all incarnations of this replica.
-
-        Most counters restart at zero with each incarnation and add up.  A
-        source's position in its stream, and what a sink has counted, are
-        states: a restarted source resumes from the sink's record and a
-        restarted sink replays its ledger (or, without one, has lost what
-        it held), so the newest incarnation's value is the truth.
-        """
-        value = self.counters.get(key)
-        if value is None:  # not reported by the current incarnation yet
-            return self.totals.get(key, 0)
-        if isinstance(value, bool):
-            return value
-        if key in _STATE_COUNTERS.get(self.stage.role, ()):
-            if self.stage.role == "source":  # regenerating from 0 after restart
-                return max(value, self.totals.get(key, 0))
-            return value
-        if isinstance(value, dict):
-            merged = dict(self.totals.get(key, {}))
-            for k, v in value.items():
-                merged[k] = merged.get(k, 0) + v
-            return merged
-        return self.totals.get(key, 0) + value
-
-
-_STATE_COUNTERS = {
-    "source": {"produced", "acked", "quarantined"},
-    "sink": {"counted", "results", "per_via"},
 }
 
 
@@ -148,11 +61,10 @@ class Supervisor:
         self.pipeline = pipeline
         self.run_dir = run_dir
         self.logs_dir = logs_dir
-        self.on_output = on_output
         self.clock = clock
         self.groups = topology.start_order(pipeline)
         self.replicas: list[Replica] = [
-            Replica(stage, index, self._log_handler(stage, index))
+            Replica(stage, index, log_handler(logs_dir, stage, index))
             for group in self.groups
             for stage in group
             for index in range(stage.replicas)
@@ -161,6 +73,7 @@ class Supervisor:
         self.sinks = [r for r in self.replicas if r.stage.role == "sink"]
         self.by_pid: dict[int, Replica] = {}
         self.selector = selectors.DefaultSelector()
+        self.outputs = OutputReader(self.selector, on_output)
         self.status = "starting"
         self.failure: str | None = None
         self.failed_replica: Replica | None = None
@@ -170,23 +83,12 @@ class Supervisor:
         self.finished_at: float | None = None
         self.last_progress = 0.0
         self._progress_mark: tuple[Any, ...] = ()
-        self._wake_r = -1
-        self._wake_w = -1
-        self._old_handlers: dict[int, Any] = {}
+        self.wakeup = WakeupPipe(self.selector)
         self.hooks: list[Callable[[], None]] = []  # called on every loop turn
         self.health = HealthMonitor(pipeline.health_interval, clock=clock)
+        self.watchdog = Watchdog(self)
         # Forked children locally; Ray actors, on a cluster, with "ray".
         self.launcher = launcher or for_pipeline(pipeline, run_dir)
-
-    def _log_handler(self, stage: Stage, index: int) -> logging.Handler:
-        handler = RotatingFileHandler(
-            self.logs_dir / f"{stage.name}.{index}.log",
-            maxBytes=LOG_BYTES,
-            backupCount=LOG_BACKUPS,
-            encoding="utf-8",
-        )
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        return handler
 
     # -- the run, in phases ---------------------------------------------------
 
@@ -194,7 +96,7 @@ class Supervisor:
         """Start, supervise until finished or failed, stop; never leaves a child."""
         self.started_at = self.clock()
         deadline = None if timeout is None else self.started_at + timeout
-        self._install_signals()
+        self.wakeup.install(self._on_wakeup)
         try:
             if self._start_all(deadline):
                 self.status = "running"
@@ -215,7 +117,7 @@ class Supervisor:
                 # Whatever went wrong while stopping, no child outlives us.
                 self._kill_all()
                 self.launcher.close()
-                self._restore_signals()
+                self.wakeup.restore()
             # Heartbeats lag; the counts each stage sent as it stopped do not.
             if self.status == "completed" and self._lost():
                 self.status = "failed"
@@ -276,18 +178,15 @@ class Supervisor:
             handler = key.data
             handler(key.fileobj)
         self._restart_due()
-        self._check_commands_ready()
-        self._check_heartbeats()
-        self._check_health()
+        self.watchdog.check()
         self._check_progress()
         self._check_quarantine()
         for hook in self.hooks:
             hook()
 
     def _on_wakeup(self, fd: Any) -> None:
-        try:
-            data = os.read(self._wake_r, 4096)
-        except BlockingIOError:
+        data = self.wakeup.read()
+        if data is None:
             return
         for signum in data:
             if signum == signal.SIGCHLD:
@@ -304,111 +203,15 @@ class Supervisor:
             if channel is None:
                 return
             for message in channel.receive():
-                self._on_message(replica, message)
+                replica.on_message(message, self.clock)
             if channel.closed:
                 self._forget_fd(channel)
 
         return handle
 
-    def _on_output_ready(self, replica: Replica) -> Callable[[Any], None]:
-        def handle(fd: Any) -> None:
-            self._read_output(replica)
-
-        return handle
-
-    def _read_output(self, replica: Replica, final: bool = False) -> None:
-        if replica.output is None:
-            return
-        try:
-            chunk = os.read(replica.output, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        data = replica.partial + chunk
-        lines = data.split(b"\n")
-        replica.partial = lines.pop()
-        if (not chunk or final) and replica.partial:
-            lines.append(replica.partial)
-            replica.partial = b""
-        for raw in lines:
-            line = raw.decode("utf-8", "replace")
-            replica.tail.append(line)
-            replica.log_handler.emit(logging.makeLogRecord({"msg": line}))
-            if self.on_output is not None:
-                self.on_output(replica, line)
-        if not chunk:
-            self._forget_fd(replica.output)
-            os.close(replica.output)
-            replica.output = None
-
-    def _drain_output(self, replica: Replica) -> None:
-        """Read a dead replica's output to its end, then close the pipe.
-
-        The pipe must not outlive the replica: its handler reads
-        ``replica.output``, which the next incarnation replaces, so a pipe
-        left open would leak its fd and wake the loop at EOF forever.  A
-        process the stage started may still hold it open; what that writes
-        later is not read.
-        """
-        for _ in range(DRAIN_CHUNKS):  # a pipe holds 64 KiB, one or two reads
-            if replica.output is None:
-                return
-            self._read_output(replica, final=True)
-        if replica.output is not None:
-            self._forget_fd(replica.output)
-            os.close(replica.output)
-            replica.output = None
-
     def _forget_fd(self, fileobj: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fileobj)
-
-    # -- messages from stages -------------------------------------------------
-
-    def _on_message(self, replica: Replica, message: Any) -> None:
-        # A command stage may write anything to its control fd: what is not
-        # a well-formed message is logged and ignored, never fatal.
-        if not isinstance(message, dict):
-            log.warning(
-                "%s sent a malformed control message: %.80r", replica.name, message
-            )
-            return
-        kind = message.get("t")
-        if kind in ("hb", "final"):
-            counters = _counters(message.get("c"))
-            if counters is None:
-                log.warning(
-                    "%s sent malformed counters: %.80r", replica.name, message.get("c")
-                )
-                return
-            message = {**message, "c": counters}
-        if kind == "hb":
-            replica.counters = message["c"]
-            replica.last_heartbeat = self.clock()
-        elif kind == "ready":
-            replica.state = "ready"
-            replica.ready_at = self.clock()
-            replica.last_heartbeat = replica.ready_at
-            log.info("%s pid %s ready", replica.name, replica.pid)
-        elif kind == "first_input" and isinstance(message.get("at"), (int, float)):
-            replica.first_input_at = message["at"]
-        elif kind == "final":
-            replica.counters = message["c"]
-            replica.summary = message.get("summary")
-        elif kind == "error":
-            replica.error = message
-            if message.get("kind") == "exception":
-                log.error(
-                    "%s pid %s: the stage function raised:\n%s",
-                    replica.name,
-                    replica.pid,
-                    message.get("traceback", "").rstrip(),
-                )
-            else:
-                log.error(
-                    "%s pid %s: %s", replica.name, replica.pid, message.get("message")
-                )
 
     # -- processes ------------------------------------------------------------
 
@@ -446,9 +249,7 @@ class Supervisor:
         self.selector.register(
             parent_end, selectors.EVENT_READ, self._on_channel(replica)
         )
-        self.selector.register(
-            output, selectors.EVENT_READ, self._on_output_ready(replica)
-        )
+        self.outputs.watch(replica, output)
         log.debug("%s pid %d spawned", replica.name, pid)
 
     def ack_endpoint(self) -> str | None:
@@ -468,11 +269,11 @@ class Supervisor:
         # error, the end of its output.
         if replica.channel is not None:
             for message in replica.channel.receive():
-                self._on_message(replica, message)
+                replica.on_message(message, self.clock)
             self._forget_fd(replica.channel)
             replica.channel.close()
             replica.channel = None
-        self._drain_output(replica)
+        self.outputs.drain(replica)
         code = os.waitstatus_to_exitcode(status)
         replica.exit_code = code
         replica.exit = describe_exit(code)
@@ -514,15 +315,7 @@ class Supervisor:
         """Tell the sources that what this replica held is lost: send it again."""
         if not self.pipeline.exactly_once:
             return
-        blame = None
-        error = replica.error or {}
-        if "seq" in error:
-            blame = {"src": error["src"], "key": error["key"], "seq": error["seq"]}
-        elif busy:
-            blame = {"src": src, "key": key}
-        if blame is not None:
-            blame["reason"] = replica.exit
-            blame["detail"] = error.get("traceback") or "\n".join(replica.tail)
+        blame = replica.blame(busy, src, key)
         for source in self.sources:
             if source.channel is not None:
                 source.channel.send({"t": "redeliver", "blame": blame})
@@ -574,19 +367,15 @@ class Supervisor:
             return
 
         now = self.clock()
-        if replica.ready_at is not None and now - replica.ready_at > HEALTHY_AFTER_S:
-            replica.failures.clear()
-        replica.failures.append(now)
-        while replica.failures and now - replica.failures[0] > stage.restart_window:
-            replica.failures.popleft()
-        if len(replica.failures) > stage.max_restarts:
+        failures = replica.note_failure(now)
+        if failures > stage.max_restarts:
             self._fail(
                 f"{why}; restarted {stage.max_restarts} times within "
                 f"{stage.restart_window:g} s, giving up",
                 replica,
             )
             return
-        delay = backoff_delay(stage, len(replica.failures))
+        delay = backoff_delay(stage, failures)
         replica.state = "backoff"
         replica.restart_at = now + delay
         replica.pending_reason = reason
@@ -594,7 +383,7 @@ class Supervisor:
             "%s restarting in %.3f s (restart %d of at most %d in %g s)",
             replica.name,
             delay,
-            len(replica.failures),
+            failures,
             stage.max_restarts,
             stage.restart_window,
         )
@@ -619,95 +408,6 @@ class Supervisor:
                     {"at": time.time(), "reason": replica.pending_reason}
                 )
                 self._spawn(replica)
-
-    def _check_commands_ready(self) -> None:
-        """A command stage says nothing: its connections tell when it is ready."""
-        for replica in self.replicas:
-            if (
-                replica.stage.command is not None
-                and replica.state == "starting"
-                and replica.pid is not None
-                and command.is_ready(replica.pid, replica.stage)
-            ):
-                self._on_message(replica, {"t": "ready"})
-
-    def _check_heartbeats(self) -> None:
-        """A replica that stopped sending heartbeats is hung: kill it."""
-        now = self.clock()
-        for replica in self.replicas:
-            if replica.state != "ready" or replica.pid is None:
-                continue
-            if replica.stage.command is not None and not replica.counters:
-                continue  # a command stage that does not send heartbeats
-            if now - replica.last_heartbeat > replica.stage.heartbeat_timeout:
-                log.warning(
-                    "%s pid %d sent no heartbeat for %.1f s: hung, killing it",
-                    replica.name,
-                    replica.pid,
-                    now - replica.last_heartbeat,
-                )
-                replica.state = "hung"
-                replica.error = {"kind": "hung", "message": "hung"}
-                self._signal(replica, signal.SIGKILL)
-
-    def _check_health(self) -> None:
-        """Sample the stage processes when due; restart those over a limit."""
-        for pid in self.health.overdue():
-            replica = self.by_pid.get(pid)
-            if replica is not None:
-                log.warning(
-                    "%s pid %d did not stop within %g s: killing it",
-                    replica.name,
-                    pid,
-                    self.pipeline.grace_period,
-                )
-                self._signal(replica, signal.SIGKILL)
-        if not self.health.sample_due(self.clock()):
-            return
-        self._check_never_ready()
-        zombies = self.health.zombies_seen
-        verdicts = self.health.sample(self.replicas)
-        if self.health.zombies_seen > zombies:  # dead, whatever SIGCHLD said
-            self._reap()
-        for verdict in verdicts:
-            replica = verdict.replica
-            if self.status == "running" and replica.state == "ready":
-                self._restart_gracefully(replica, verdict.reason, verdict.detail)
-
-    def _check_never_ready(self) -> None:
-        """A replacement that never gets ready is hung as well.
-
-        Start-up has its own deadline (``ready_timeout``, failing the run) and
-        a stage waiting for its peers gives up by itself (exit 78) after
-        ``ready_timeout``; this catches only a process that cannot even do
-        that (stopped, deadlocked), so it waits ``heartbeat_timeout`` longer.
-        """
-        if self.status != "running":
-            return
-        now = self.clock()
-        for replica in self.replicas:
-            if replica.state != "starting" or replica.pid is None:
-                continue
-            limit = self.pipeline.ready_timeout + replica.stage.heartbeat_timeout
-            if now - replica.started_at > limit:
-                log.warning(
-                    "%s pid %d not ready after %.1f s: hung, killing it",
-                    replica.name,
-                    replica.pid,
-                    now - replica.started_at,
-                )
-                replica.state = "hung"
-                replica.error = {"kind": "hung", "message": "never ready"}
-                self._signal(replica, signal.SIGKILL)
-
-    def _restart_gracefully(self, replica: Replica, reason: str, detail: str) -> None:
-        """SIGTERM now, SIGKILL after the grace period; then a restart as usual."""
-        assert replica.pid is not None
-        log.warning("%s pid %d %s: restarting it", replica.name, replica.pid, detail)
-        replica.state = "terminating"
-        replica.error = {"kind": reason, "message": detail}
-        self._signal(replica, signal.SIGTERM)
-        self.health.stopping(replica.pid, self.pipeline.grace_period)
 
     def _check_progress(self) -> None:
         mark = tuple(r.total("counted") for r in self.sinks) + tuple(
@@ -783,7 +483,7 @@ class Supervisor:
         """
         same = [i for i, r in enumerate(self.replicas) if r.stage is stage]
         index = 1 + max(self.replicas[i].index for i in same)
-        replica = Replica(stage, index, self._log_handler(stage, index))
+        replica = Replica(stage, index, log_handler(self.logs_dir, stage, index))
         self.replicas.insert(same[-1] + 1, replica)
         self._spawn(replica)
         log.info("%s pid %s added", replica.name, replica.pid)
@@ -891,60 +591,3 @@ class Supervisor:
             self._reap()
             if self.by_pid:
                 time.sleep(0.005)
-
-    # -- signals --------------------------------------------------------------
-
-    def _install_signals(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w)
-        for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-            self._old_handlers[signum] = signal.signal(signum, _note_signal)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
-
-    def _restore_signals(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        self._forget_fd(self._wake_r)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-
-def _counters(value: Any) -> dict[str, Any] | None:
-    """Counters as the runtime sends them: numbers, flags, maps of numbers."""
-    if not isinstance(value, dict):
-        return None
-    clean: dict[str, Any] = {}
-    for key, item in value.items():
-        if isinstance(item, (int, float, bool)):
-            clean[str(key)] = item
-        elif isinstance(item, dict) and all(
-            isinstance(v, (int, float)) for v in item.values()
-        ):
-            clean[str(key)] = {str(k): v for k, v in item.items()}
-    return clean
-
-
-def _note_signal(signum: int, frame: Any) -> None:
-    """The wake-up fd carries the signal; the loop acts on it, not the handler."""
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit {code}"
-
-
-def backoff_delay(
-    stage: Stage, failures: int, jitter: Callable[[], float] = random.random
-) -> float:
-    """Exponential back-off with jitter; the first restart is immediate."""
-    if failures <= 1:
-        return 0.0
-    delay = min(stage.backoff * 2 ** (failures - 2), stage.backoff_max)
-    return delay * (0.5 + jitter())

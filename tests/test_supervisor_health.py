@@ -17,7 +17,8 @@ import pytest
 
 from orchestrator import config
 from orchestrator.health import CONSECUTIVE, HealthMonitor, Reading
-from orchestrator.supervisor import Replica, Supervisor
+from orchestrator.replicastate import Replica
+from orchestrator.supervisor import Supervisor
 
 MiB = 2**20
 IGNORES_SIGTERM = (
@@ -96,18 +97,18 @@ def test_over_max_rss_gets_sigterm_then_sigkill_after_the_grace_period(
     for _ in range(CONSECUTIVE):
         clock.now += 0.5
         replica.last_heartbeat = clock.now
-        sup._check_health()
+        sup.watchdog.check_health()
 
     assert replica.state == "terminating"
     assert replica.error is not None and replica.error["kind"] == "max_rss"
     assert stand_in.poll() is None  # SIGTERM ignored: still there
 
     clock.now += 1.0
-    sup._check_health()
+    sup.watchdog.check_health()
     assert stand_in.poll() is None  # within the grace period
 
     clock.now += 1.5
-    sup._check_health()
+    sup.watchdog.check_health()
     assert stand_in.wait(timeout=10) == -signal.SIGKILL
 
 
@@ -120,7 +121,7 @@ def test_under_the_limit_nothing_happens(
 
     for _ in range(CONSECUTIVE * 2):
         clock.now += 0.5
-        sup._check_health()
+        sup.watchdog.check_health()
 
     assert replica.state == "ready"
     assert replica.stats["rss"] == 50 * MiB
@@ -135,11 +136,11 @@ def test_replacement_never_ready_is_killed_as_hung(
     replica = consumer(sup, stand_in.pid, "starting")
 
     clock.now += 3.0 + 1.0 - 0.1  # ready_timeout + heartbeat_timeout, nearly
-    sup._check_health()
+    sup.watchdog.check_health()
     assert replica.state == "starting"
 
     clock.now += 0.6
-    sup._check_health()
+    sup.watchdog.check_health()
     assert replica.state == "hung"
     assert replica.error == {"kind": "hung", "message": "never ready"}
     assert stand_in.wait(timeout=10) == -signal.SIGKILL
@@ -159,7 +160,7 @@ def test_dead_replicas_output_is_read_to_its_end_and_closed(
     if not writer_alive:  # else: as if a child of the stage still held it
         os.close(write_fd)
 
-    sup._drain_output(replica)
+    sup.outputs.drain(replica)
 
     assert replica.output is None
     assert read_fd not in [key.fd for key in sup.selector.get_map().values()]
