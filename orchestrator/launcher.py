@@ -131,12 +131,28 @@ def stage_environment(spec: ReplicaSpec) -> dict[str, str]:
 
 def _exec_command(spec: ReplicaSpec) -> None:  # pragma: no cover - replaced by exec
     assert spec.stage.command is not None
+    _own_group()
     os.set_inheritable(spec.channel.fileno(), True)
     try:
         os.execvp(spec.stage.command[0], list(spec.stage.command))
     except OSError as exc:
         print(f"cannot run {spec.stage.command[0]!r}: {exc.strerror}", flush=True)
         os._exit(127)
+
+
+def _own_group(pid: int = 0) -> None:
+    """Make a command stage the leader of a process group of its own.
+
+    A command may be a wrapper (a shell script) whose real work runs in a
+    child: signals go to the whole group, so stopping the stage stops that
+    child too instead of leaving it to init.  Both the parent and the child
+    call this, so the group exists before either goes on, whichever runs
+    first.
+    """
+    try:
+        os.setpgid(pid, pid)
+    except (PermissionError, ProcessLookupError):
+        pass  # the child already exec'd (it did this itself) or is gone
 
 
 class Launcher(Protocol):
@@ -162,12 +178,22 @@ class Launcher(Protocol):
 class ForkLauncher:
     """Replicas as forked children of the supervisor (the local backend)."""
 
+    def __init__(self) -> None:
+        self.groups: set[int] = set()  # command stages: pid == pgid
+
     def spawn(self, spec: ReplicaSpec, supervisor_pid: int) -> tuple[int, int]:
-        return spawn(spec, supervisor_pid)
+        pid, output = spawn(spec, supervisor_pid)
+        if spec.stage.command is not None:
+            _own_group(pid)
+            self.groups.add(pid)
+        return pid, output
 
     def signal(self, pid: int, signum: int) -> None:
         try:
-            os.kill(pid, signum)
+            if pid in self.groups:
+                os.killpg(pid, signum)
+            else:
+                os.kill(pid, signum)
         except ProcessLookupError:  # already dead; SIGCHLD will tell us
             pass
 
@@ -180,7 +206,17 @@ class ForkLauncher:
                 return ended
             if pid == 0:
                 return ended
+            if pid in self.groups:
+                self._end_group(pid)
             ended.append((pid, status))
+
+    def _end_group(self, pid: int) -> None:
+        """What a command stage left behind in its group dies with it."""
+        self.groups.discard(pid)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:  # nothing left: the usual case
+            pass
 
     def node(self, pid: int | None) -> str | None:
         return None

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from tests.conftest import HERE, Workspace
+from tests.conftest import HERE, Workspace, wait_for
 
 # Stages for the shapes below; written next to the pipeline files, like a
 # user's own module.
@@ -256,6 +257,37 @@ def test_command_stage_that_dies_loses_nothing(ws: Workspace) -> None:
     assert report["summary"]["results"] == 20_000
     assert report["summary"]["sum"] == 2 * sum(range(20_000))
     assert report["lost"] == 0
+
+
+def _processes_running(marker: str) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in proc.info["cmdline"] or ()):
+            found.append(proc.pid)
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_a_wrapped_command_leaves_no_child_behind(ws: Workspace) -> None:
+    # The wrapper does not exec: the program runs as its child, and only the
+    # wrapper is the supervisor's child. Stopping the stage must stop both.
+    path = _command_pipeline(ws)
+    worker = ws.path / "cmdworker.py"
+    path.write_text(
+        path.read_text().replace(
+            f'command = ["{sys.executable}", "cmdworker.py"]',
+            f'command = ["sh", "-c", "{sys.executable} {worker}; echo done"]',
+        )
+    )
+    result, report = _run(ws, path)
+
+    assert result.returncode == 0, result.stderr
+    assert report["summary"]["results"] == 20_000
+    wait_for(
+        lambda: not _processes_running(str(worker)),
+        timeout=5,
+        message="the wrapped programs to be gone",
+    )
 
 
 def test_command_stage_may_send_ready_and_heartbeats(ws: Workspace) -> None:
