@@ -306,6 +306,7 @@ class Supervisor:
             self._redeliver(replica, busy, src, key)
             pinned = (
                 self.pipeline.exactly_once
+                and replica.stage.role == "worker"
                 and ("seq" in error or busy == 1)
                 and self._has_progressed(replica.stage)
             )
@@ -325,15 +326,17 @@ class Supervisor:
     ) -> None:
         """Restart a replica that exited on its own, or fail the run.
 
-        A crash ``pinned`` on one input (the function raised on it, or the
-        process died holding a frame of that input alone) of a stage that
-        does handle other inputs is the data's fault, and it is already
+        A worker's crash ``pinned`` on one input (the function raised on it,
+        or the process died holding a frame of that input alone) of a stage
+        that does handle other inputs is the data's fault, and it is already
         bounded: the input is quarantined after ``max_attempts`` such
         crashes, and the run fails past ``max_quarantined``.  Counting it
         towards the restart intensity too would fail a run over a handful of
         bad records, so it is restarted at once instead.  A stage that has
         not finished a single input (it exits at once, or fails on every
-        record) is broken, not fed bad data: its crashes count as usual.
+        record) is broken, not fed bad data: its crashes count as usual.  So
+        do a sink's: it replays its ledger after each, which proves nothing
+        about the record it died on.
         """
         stage = replica.stage
         if self.status not in ("starting", "running"):
@@ -418,7 +421,7 @@ class Supervisor:
             self.last_progress = self.clock()
 
     def _has_progressed(self, stage: Stage) -> bool:
-        """Whether ``stage`` has finished any input yet.
+        """Whether the worker stage ``stage`` has finished any input yet.
 
         A replica that crashes soon after it started may never have sent a
         heartbeat with its counters: inputs counted by a sink are proof that
@@ -426,8 +429,7 @@ class Supervisor:
         """
         if self.counted():
             return True
-        key = "counted" if stage.role == "sink" else "processed"
-        return any(r.total(key) for r in self.replicas if r.stage is stage)
+        return any(r.total("processed") for r in self.replicas if r.stage is stage)
 
     def _check_quarantine(self) -> None:
         limit = self.pipeline.max_quarantined

@@ -70,6 +70,12 @@ def poison_every(
     return keep_even(record, ctx)
 
 
+def count_never(records: Iterable[dict[str, Any]], ctx: StageContext) -> None:
+    """A sink that raises on the first record it is given, every time."""
+    for record in records:
+        raise RuntimeError(f"sink cannot take {record}")
+
+
 def raise_always(record: Any, ctx: StageContext) -> None:
     raise ValueError("this stage is broken")
 

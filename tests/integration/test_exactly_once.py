@@ -229,6 +229,22 @@ def test_a_stage_that_fails_on_every_input_still_meets_the_restart_limit(
     assert report["quarantined"] < 10
 
 
+@pytest.mark.timeout(60)
+def test_a_sink_that_raises_on_every_record_fails_the_run_naming_it(
+    ws: Workspace,
+) -> None:
+    path = ws.classic(messages=2000)
+    path.write_text(
+        path.read_text().replace('"teststages:count"', '"teststages:count_never"')
+    )
+    code, report = ws.run_json(str(path), timeout=50)
+
+    assert code == 1
+    assert report["failure"].startswith("collector.0: exit 1 (RuntimeError: sink")
+    assert "giving up" in report["failure"]
+    assert report["failed_stage"]["stage"] == "collector"
+
+
 def test_accounting_off_reports_loss_honestly(ws: Workspace) -> None:
     messages = 200_000
     text = chaos_pipeline(ws, messages, pipeline_extra='delivery = "at-most-once"')
