@@ -136,11 +136,7 @@ class Supervisor:
                 if self._should_end(deadline):
                     return False
                 if self.clock() > ready_by:
-                    late = [r.name for r in members if r.state != "ready"]
-                    self._fail(
-                        f"not ready within {self.pipeline.ready_timeout:g} s: "
-                        f"{', '.join(late)}"
-                    )
+                    self._fail_start(members)
                     return False
                 self._step(0.05)
         return True
@@ -342,11 +338,7 @@ class Supervisor:
         if self.status not in ("starting", "running"):
             replica.state = "exited"
             return
-        error = replica.error or {}
-        if error.get("kind") == "exception" and error.get("message"):
-            why = f"{reason} ({error['message']})"  # what the function raised
-        else:
-            why = reason
+        why = _exit_reason(replica, reason)
         if code == EXIT_SETUP:
             message = (replica.error or {}).get("message") or replica.exit or ""
             self._fail(message, replica)
@@ -446,6 +438,25 @@ class Supervisor:
         if replica.pid is None:
             return
         self.launcher.signal(replica.pid, signum)
+
+    def _fail_start(self, members: list[Replica]) -> None:
+        """Fail a start that timed out, naming the replica that kept crashing.
+
+        A stage can be late because another one keeps exiting (workers wait
+        for a sink that dies at start): that one is the news.
+        """
+        late = ", ".join(r.name for r in members if r.state != "ready")
+        timeout = f"not ready within {self.pipeline.ready_timeout:g} s: {late}"
+        crashed = [r for r in self.replicas if r.restarts or r.state == "backoff"]
+        if not crashed:
+            self._fail(timeout)
+            return
+        worst = max(crashed, key=lambda r: len(r.restarts))
+        self._fail(
+            f"{_exit_reason(worst)} before the pipeline was ready (restarted "
+            f"{len(worst.restarts)} times); {timeout}",
+            worst,
+        )
 
     def _fail(self, reason: str, replica: Replica | None = None) -> None:
         if self.status == "failed":
@@ -593,3 +604,12 @@ class Supervisor:
             self._reap()
             if self.by_pid:
                 time.sleep(0.005)
+
+
+def _exit_reason(replica: Replica, reason: str | None = None) -> str:
+    """How ``replica`` last ended, with what its function raised if it did."""
+    reason = reason or replica.exit or "exited"
+    error = replica.error or {}
+    if error.get("kind") == "exception" and error.get("message"):
+        return f"{reason} ({error['message']})"
+    return reason

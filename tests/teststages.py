@@ -76,6 +76,12 @@ def count_never(records: Iterable[dict[str, Any]], ctx: StageContext) -> None:
         raise RuntimeError(f"sink cannot take {record}")
 
 
+def count_without_its_module(
+    records: Iterable[dict[str, Any]], ctx: StageContext
+) -> None:
+    import no_such_module_here  # noqa: F401
+
+
 def raise_always(record: Any, ctx: StageContext) -> None:
     raise ValueError("this stage is broken")
 

@@ -229,6 +229,38 @@ def test_crashing_stage_fails_the_run_naming_it_and_its_exit_code(
     assert "exit 1" in report["failure"]
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("victim", ["collector", "consumer"])
+def test_a_stage_crashing_during_the_start_is_named_not_just_the_late_ones(
+    ws: Workspace, victim: str
+) -> None:
+    # A crashing collector makes the consumers late; a crashing command
+    # consumer is late itself. Either way the report names the crash.
+    path = ws.classic(messages=1000, pipeline_extra="ready_timeout = 2")
+    text = path.read_text()
+    if victim == "collector":
+        text = text.replace(
+            '"teststages:count"', '"teststages:count_without_its_module"'
+        )
+        said = "exit 1 (ModuleNotFoundError: No module named 'no_such_module_here')"
+    else:
+        text = text.replace(
+            'call = "teststages:keep_even"',
+            'command = ["sh", "-c", "echo cannot start; exit 4"]',
+        )
+        said = "exit 4"
+    path.write_text(text)
+    code, report = ws.run_json(str(path), timeout=25)
+
+    assert code == 1
+    assert report["failure"].startswith(f"{victim}.")
+    assert f"{said} before the pipeline was ready" in report["failure"]
+    assert "not ready within 2 s" in report["failure"]
+    assert report["failed_stage"]["stage"] == victim
+    if victim == "consumer":
+        assert "cannot start" in report["failed_stage"]["tail"]
+
+
 def test_an_ipc_endpoint_in_use_is_refused_not_stolen(ws: Workspace) -> None:
     import socket
 
