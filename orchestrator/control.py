@@ -146,6 +146,8 @@ def retired_entry(replica: Replica) -> dict[str, Any]:
         "pid": replica.last_pid,
         "received": int(replica.total("received") or 0),
         "emitted": int(replica.total("emitted") or 0),
+        "restarts": len(replica.restarts),
+        "restart_reasons": [r["reason"] for r in replica.restarts],
         "exit": replica.exit,
     }
 

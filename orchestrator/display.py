@@ -247,11 +247,12 @@ def render_status(result: dict[str, Any], console: Console) -> None:
     total = result.get("total")
     # While the run goes on, what is produced but not yet counted is on its way.
     lost_label = "in flight" if result["status"] == "running" else "lost"
-    progress = ""
+    progress = f"produced {result['produced']}"
     if total:
-        progress = f" of {total} ({100 * result['counted_inputs'] / total:.0f}%)"
+        done = 100 * result["counted_inputs"] / total
+        progress += f" of {total}  counted {result['counted_inputs']} ({done:.0f}%)"
     console.print(
-        f"produced {result['produced']}{progress}  "
+        f"{progress}  "
         f"collected {result['collected']}  {lost_label} {result['lost']}  "
         f"restarts {result['restarts']}  "
         f"rate {result.get('rates', {}).get('counted', 0):,.0f} inputs/s",

@@ -89,7 +89,7 @@ def build(sup: Supervisor) -> dict[str, Any]:
         "redelivered": sum(int(r.total("redelivered")) for r in sup.sources),
         "duplicates_dropped": sum(int(r.total("duplicates")) for r in sup.sinks),
         "quarantined": sup.quarantined(),
-        "restarts": sum(len(r.restarts) for r in sup.replicas),
+        "restarts": sup.retired_restarts + sum(len(r.restarts) for r in sup.replicas),
         "workers": workers,
         "summary": summary,
         "duration_s": round(duration, 4),

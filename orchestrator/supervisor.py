@@ -77,6 +77,8 @@ class Supervisor:
         self.status = "starting"
         self.failure: str | None = None
         self.failed_replica: Replica | None = None
+        # Restarts of replicas that `scale` removed since: still restarts.
+        self.retired_restarts = 0
         self.signal_received: int | None = None
         self.started_at = 0.0
         self.ready_at: float | None = None
@@ -529,6 +531,7 @@ class Supervisor:
             replica.restart_at = self.clock()
         elif then == "retire":
             self.replicas.remove(replica)
+            self.retired_restarts += len(replica.restarts)
             replica.log_handler.close()
             log.info("%s retired", replica.name)
 

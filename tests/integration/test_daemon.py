@@ -139,6 +139,17 @@ def test_up_status_scale_restart_wait_cycle_loses_nothing(
         )
 
     wait_for(new_ones_busy, timeout=10, message="consumers 2 and 3 to get work")
+    # A restart of a replica that is removed later still counts.
+    _, now = _status(ws, path)
+    os.kill(_consumers(now)[3]["pid"], signal.SIGKILL)
+
+    def replaced() -> bool:
+        _, now = _status(ws, path)
+        return _consumers(now)[3]["restarts"] == 1 and all(
+            w["state"] == "ready" for w in _consumers(now)
+        )
+
+    wait_for(replaced, timeout=10, message="consumer.3 to be restarted")
 
     scaled = ws.cli("scale", "consumer=2", "-p", str(path), timeout=30)
     assert scaled.returncode == 0, scaled.stderr
@@ -165,6 +176,9 @@ def test_up_status_scale_restart_wait_cycle_loses_nothing(
     retired = sorted((w["stage"], w["replica"]) for w in final["retired"])
     assert retired == [("consumer", 2), ("consumer", 3)]
     assert all(w["received"] > 0 and w["exit"] == "exit 0" for w in final["retired"])
+    reasons = {w["replica"]: w["restart_reasons"] for w in final["retired"]}
+    assert reasons == {2: [], 3: ["SIGKILL"]}
+    assert final["restarts"] == 2  # consumer.3's, retired since, and consumer.1's
     assert [w["replica"] for w in _consumers(final)] == [0, 1]
     assert _consumers(final)[1]["restart_reasons"] == ["requested"]
     # Scaling and restarting touched nothing else.
