@@ -5,6 +5,7 @@ sink has counted them (or they are quarantined).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from .runtime import (
     UserError,
     user_traceback,
 )
+from .stagefn import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,24 @@ class SourceRuntime(Runtime):
     def status(self) -> dict[str, Any]:
         self.counters["inflight"] = self.window.size
         return dict(self.counters)
+
+    def context(self) -> StageContext:
+        return dataclasses.replace(super().context(), _resume=self._start_later)
+
+    def _start_later(self) -> int:
+        """The function's stream starts after the delivered prefix (ctx.resume)."""
+        start = 0
+        for lo, hi in self.counted.ranges():  # sorted and disjoint
+            while start in self.quarantined:
+                start += 1
+            if lo > start:
+                break
+            start = max(start, hi)
+        while start in self.quarantined:
+            start += 1
+        # Produced is a position in the stream, as if the prefix were read.
+        self.seq = self.counters["produced"] = start
+        return start
 
     def run(self, fn: Callable[..., Any]) -> None:
         if self.exactly_once:

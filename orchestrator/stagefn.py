@@ -49,6 +49,21 @@ class StageContext:
     params: dict[str, Any]
     run_dir: Path
     log: logging.Logger = field(repr=False)
+    _resume: Callable[[], int] | None = field(default=None, repr=False)
+
+    def resume(self) -> int:
+        """A source's place in its stream: how many of its first inputs an
+        earlier incarnation delivered (0 on a first start).
+
+        A source that calls this must start its stream at that position, and
+        the runtime numbers its records from there.  A source that does not
+        is read from the start, and the runtime skips what was delivered:
+        that costs the time to make those records again, and for a paced
+        source (see ``stages.classic.produce``) the pace too.
+        """
+        if self._resume is None:
+            raise RuntimeError("only a source stage has a stream to resume")
+        return self._resume()
 
 
 class ResolveError(Exception):

@@ -17,22 +17,24 @@ def produce(
     """Yield ``{"num": n}`` for n = 0 .. messages-1; ``messages = 0`` never ends.
 
     With ``rate`` (messages per second) the stream is paced to that rate,
-    which makes an endless pipeline something one can watch and scale.
+    which makes an endless pipeline something one can watch and scale.  A
+    restarted producer starts after what was delivered (``ctx.resume``)
+    instead of making, and waiting for, the delivered numbers again.
     """
     if messages < 0 or rate < 0:  # checked now, not when the stream is read
         raise ValueError(
             f"messages must be 0 (endless) or more and rate 0 (unpaced) or "
             f"more; got messages={messages}, rate={rate}"
         )
-    return _numbers(messages, rate)
+    return _numbers(ctx.resume(), messages, rate)
 
 
-def _numbers(messages: int, rate: float) -> Iterator[dict[str, int]]:
-    numbers = itertools.count() if messages == 0 else range(messages)
+def _numbers(start: int, messages: int, rate: float) -> Iterator[dict[str, int]]:
+    numbers = itertools.count(start) if messages == 0 else range(start, messages)
     started = time.monotonic()
     for num in numbers:
         if rate:
-            ahead = started + num / rate - time.monotonic()
+            ahead = started + (num - start) / rate - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
         yield {"num": num}

@@ -29,6 +29,16 @@ def numbers(
         yield {"num": num}
 
 
+def numbers_resuming(
+    ctx: StageContext, messages: int = 1000, rate: float = 0.0
+) -> Iterator[dict[str, int]]:
+    """``numbers`` from where the last incarnation left off; notes each start."""
+    start = ctx.resume()
+    with open(ctx.run_dir / "starts", "a") as starts:
+        starts.write(f"{start}\n")
+    return (r for r in numbers(ctx, messages, rate) if r["num"] >= start)
+
+
 def keep_even(
     record: dict[str, int], ctx: StageContext, delay: float = 0.0
 ) -> dict[str, int] | None:

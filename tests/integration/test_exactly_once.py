@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
+from stages import classic
 from tests.conftest import Workspace, stage_processes, wait_for
 
 RATE = 100_000  # inputs per second: long enough a run to kill things in
@@ -140,6 +141,42 @@ def test_collector_or_producer_killed_mid_run_counts_stay_exact(
     stage = next(w for w in report["workers"] if w["stage"] == victim)
     assert stage["restarts"] == 1
     assert stage["restart_reasons"] == ["SIGKILL"]
+
+
+@pytest.mark.timeout(90)
+def test_a_restarted_source_that_resumes_starts_after_what_was_delivered(
+    ws: Workspace,
+) -> None:
+    messages = 200_000
+    text = chaos_pipeline(ws, messages).replace(
+        '"teststages:numbers"', '"teststages:numbers_resuming"'
+    )
+    proc = start(ws, text)
+    wait_for_replicas(proc, "producer", 1)
+    time.sleep(0.7)  # mid-run: about a third of the stream is through
+    replicas_of(proc, "producer")[0].kill()
+    report = finish(proc)
+
+    assert_exact(report, messages)
+    starts = [
+        int(n) for n in next(ws.path.glob("home/*/run/starts")).read_text().split()
+    ]
+    assert len(starts) == 2 and starts[0] == 0
+    # Not from 0 again: from the end of what the collector had counted.
+    assert 0 < starts[1] < messages
+
+
+def test_classic_producer_starts_where_it_is_told_at_once() -> None:
+    class Resumed:
+        def resume(self) -> int:
+            return 500
+
+    started = time.monotonic()
+    numbers = classic.produce(Resumed(), messages=1000, rate=0.01)  # type: ignore[arg-type]
+    first = next(iter(numbers))
+
+    assert first == {"num": 500}
+    assert time.monotonic() - started < 10  # not 500 x 100 s of pacing first
 
 
 @pytest.mark.timeout(60)
