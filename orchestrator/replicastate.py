@@ -119,6 +119,9 @@ class Replica:
         if blame is not None:
             blame["reason"] = self.exit
             blame["detail"] = error.get("traceback") or "\n".join(self.tail)
+            blame["replica"] = self.name  # the source writes the dead letter
+            if error.get("kind") == "exception":
+                blame["raised"] = error.get("message")
         return blame
 
     def on_message(self, message: Any, clock: Callable[[], float]) -> None:

@@ -364,6 +364,8 @@ class SourceRuntime(Runtime):
                 "record": record,
                 "attempts": self.strikes.pop(seq),
                 "error": blame.get("reason", "crashed"),
+                "raised": blame.get("raised"),
+                "failed_in": blame.get("replica"),
                 "detail": blame.get("detail", ""),
             }
         )

@@ -201,8 +201,10 @@ def test_poison_input_is_quarantined_once_and_the_rest_is_exact(
     assert len(entries) == 1
     assert entries[0]["record"] == {"num": poison}
     assert entries[0]["attempts"] == 3
+    assert entries[0]["failed_in"] in ("consumer.0", "consumer.1")
     if worker.endswith("raise_on"):
         assert "ValueError: cannot handle 7778" in entries[0]["detail"]
+        assert entries[0]["raised"] == "ValueError: cannot handle 7778"
     else:
         assert entries[0]["error"] == "exit 3"
 
