@@ -138,7 +138,9 @@ class Supervisor:
                 if self._should_end(deadline):
                     return False
                 if self.clock() > ready_by:
-                    self._fail_start(members)
+                    late = ", ".join(r.name for r in members if r.state != "ready")
+                    timeout = self.pipeline.ready_timeout
+                    self._fail_start(f"not ready within {timeout:g} s: {late}")
                     return False
                 self._step(0.05)
         return True
@@ -343,7 +345,10 @@ class Supervisor:
         why = _exit_reason(replica, reason)
         if code == EXIT_SETUP:
             message = (replica.error or {}).get("message") or replica.exit or ""
-            self._fail(message, replica)
+            if self.status == "starting":  # its peers may be the ones crashing
+                self._fail_start(message, replica)
+            else:
+                self._fail(message, replica)
             return
         # A replica we stopped for its health exits 0, and is still a failure.
         failed = code != 0 or reason in HEALTH_REASONS
@@ -441,22 +446,22 @@ class Supervisor:
             return
         self.launcher.signal(replica.pid, signum)
 
-    def _fail_start(self, members: list[Replica]) -> None:
-        """Fail a start that timed out, naming the replica that kept crashing.
+    def _fail_start(self, what: str, replica: Replica | None = None) -> None:
+        """Fail a start, naming the replica that kept crashing if there is one.
 
-        A stage can be late because another one keeps exiting (workers wait
-        for a sink that dies at start): that one is the news.
+        A stage can be late, or give up waiting for its peers, because
+        another one keeps exiting (workers wait for a sink that dies at
+        start): that one is the news.
         """
-        late = ", ".join(r.name for r in members if r.state != "ready")
-        timeout = f"not ready within {self.pipeline.ready_timeout:g} s: {late}"
         crashed = [r for r in self.replicas if r.restarts or r.state == "backoff"]
         if not crashed:
-            self._fail(timeout)
+            self._fail(what, replica)
             return
         worst = max(crashed, key=lambda r: len(r.restarts))
+        where = f"{replica.name}: {what}" if replica else what
         self._fail(
             f"{_exit_reason(worst)} before the pipeline was ready (restarted "
-            f"{len(worst.restarts)} times); {timeout}",
+            f"{len(worst.restarts)} times); {where}",
             worst,
         )
 
