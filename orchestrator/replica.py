@@ -16,6 +16,7 @@ from .runtime import (
     EXIT_SETUP,
     GC_THRESHOLD,
     ReplicaSpec,
+    RunAborted,
     Runtime,
     Stopping,
     UserError,
@@ -68,11 +69,14 @@ def run_replica(spec: ReplicaSpec) -> int:
     summary: Any = None
     try:
         fn = resolve(stage.call, spec.pipeline.path.parent)
-        runtime.open()
+        try:
+            runtime.open()
+        except Stopping:  # stopped while waiting for its peers: not a crash
+            return 0
         runtime.channel.send_blocking({"t": "ready"})
         try:
             summary = runtime.run(fn)  # type: ignore[attr-defined]
-        except Stopping:
+        except (Stopping, RunAborted):
             pass
         except Unencodable as exc:  # the function returned what cannot travel
             raise UserError(user_traceback(exc)) from exc

@@ -121,13 +121,15 @@ class Stopping(Exception):
     """Raised inside the runtime's loops when the supervisor asked us to stop."""
 
 
-class RunAborted(Stopping):
+class RunAborted(BaseException):
     """Raised in a sink's loop over its records when the run failed.
 
     A requested stop (Ctrl-C, SIGTERM, ``orchestrator stop``) ends the loop
     normally, so the sink returns its summary; a failed or timed-out run
     raises this instead, so the sink does not finish as if its input were
-    complete.
+    complete.  Not an ``Exception``, like ``KeyboardInterrupt``: a sink's
+    ``except Exception`` around its loop must not swallow it and go on to
+    write its output.
     """
 
     def __init__(self) -> None:

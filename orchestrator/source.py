@@ -318,9 +318,10 @@ class SourceRuntime(Runtime):
     def _handle_blame(self) -> None:
         """Strike the inputs a dead replica was working on; quarantine poison.
 
-        When the exact input is known (the function raised) only it is struck.
-        When only the frame is known (the process died), the frame's inputs
-        are struck once and sent again one per frame, so the next death points
+        When the exact input is known (the function raised, or the frame held
+        that input alone) only it is struck.  When only a frame of several is
+        known (the process died), its inputs are sent again one per frame,
+        without a strike: most of them never ran, and the next death points
         at the one input that causes it.
         """
         while self.pending_blame:
@@ -342,8 +343,6 @@ class SourceRuntime(Runtime):
                 elif len(batch.records) > 1:
                     self._split(blame["key"], batch)
             else:
-                for s in range(batch.seq, batch.end):
-                    self.strikes[s] = self.strikes.get(s, 0) + 1
                 self._split(blame["key"], batch)
 
     def _split(self, key: int, batch: Batch) -> None:
@@ -372,7 +371,7 @@ class SourceRuntime(Runtime):
         self.quarantined.add(seq)
         self.counters["quarantined"] += 1
         log.warning(
-            "%s quarantined input %d after %d attempts: %s",
+            "%s quarantined input %d after %d attempt(s): %s",
             self.name,
             seq,
             self.pipeline.max_attempts,

@@ -123,7 +123,7 @@ class Supervisor:
             # Heartbeats lag; the counts each stage sent as it stopped do not.
             if self.status == "completed" and self._lost():
                 self.status = "failed"
-                self.failure = f"{self._lost()} inputs lost"
+                self.failure = self._loss()
             for replica in self.replicas:
                 replica.log_handler.close()
 
@@ -149,7 +149,13 @@ class Supervisor:
         self.last_progress = self.clock()
         while not self._should_end(deadline):
             if self._finished():
-                self.status = "completed"  # confirmed by the final counts
+                # At-most-once, what a crash took is gone: fail now, so the
+                # sinks are aborted. (Exactly-once, the sources' "done" may
+                # be ahead of the sink's heartbeat; the final counts decide.)
+                if not self.pipeline.exactly_once and self._lost():
+                    self._fail(self._loss())
+                else:
+                    self.status = "completed"  # confirmed by the final counts
                 return
             self._step(self._next_timer())
 
@@ -562,6 +568,16 @@ class Supervisor:
         if self.counted() >= self.produced():
             return True
         return self.clock() - self.last_progress > SETTLE_S
+
+    def _loss(self) -> str:
+        """The failure of a run that lost inputs, with the crashes that did it."""
+        crashed = [
+            f"{r.name} {_exit_reason(r, r.restarts[-1]['reason'])}"
+            for r in self.replicas
+            if r.restarts
+        ]
+        cause = f" (crashed: {', '.join(crashed)})" if crashed else ""
+        return f"{self._lost()} inputs lost{cause}"
 
     def _lost(self) -> int:
         return max(0, self.produced() - self.counted() - self.quarantined())

@@ -92,6 +92,21 @@ def count_without_its_module(
     import no_such_module_here  # noqa: F401
 
 
+def write_count_whatever_happens(
+    records: Iterable[dict[str, Any]], ctx: StageContext, output: str
+) -> int:
+    """A careless sink: it catches everything around its loop, then writes."""
+    seen = 0
+    try:
+        for _ in records:
+            seen += 1
+    except Exception:
+        pass
+    with open(output, "w") as out:
+        out.write(str(seen))
+    return seen
+
+
 def raise_always(record: Any, ctx: StageContext) -> None:
     raise ValueError("this stage is broken")
 

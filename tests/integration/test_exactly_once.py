@@ -236,6 +236,28 @@ def test_more_poison_inputs_than_max_restarts_are_all_quarantined(
 
 
 @pytest.mark.timeout(60)
+def test_a_death_holding_many_inputs_strikes_none_of_them(ws: Workspace) -> None:
+    # The first death holds a frame of 1000 inputs, most of which never ran:
+    # only deaths on a single input count as attempts.
+    messages, every, offset = 2000, 250, 6
+    poison = list(range(offset, messages, every))
+    path = ws.classic(
+        messages=messages,
+        worker="teststages:poison_every",
+        worker_params=f'every = {every}, offset = {offset}, how = "exit"',
+        pipeline_extra="max_attempts = 1",
+    )
+    code, report = ws.run_json(str(path), timeout=50)
+
+    assert code == 0, report.get("failure")
+    assert report["quarantined"] == len(poison)
+    dead = (ws.path / "home").glob("*/run/dead-letter.jsonl")
+    entries = [json.loads(line) for f in dead for line in f.read_text().splitlines()]
+    assert sorted(e["record"]["num"] for e in entries) == poison
+    assert {e["attempts"] for e in entries} == {1}
+
+
+@pytest.mark.timeout(60)
 def test_a_stage_failing_on_many_inputs_fails_the_run_past_max_quarantined(
     ws: Workspace,
 ) -> None:
@@ -282,6 +304,34 @@ def test_a_sink_that_raises_on_every_record_fails_the_run_naming_it(
     assert report["failure"].startswith("collector.0: exit 1 (RuntimeError: sink")
     assert "giving up" in report["failure"]
     assert report["failed_stage"]["stage"] == "collector"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("delivery", ["exactly-once", "at-most-once"])
+def test_a_failed_run_does_not_let_even_a_careless_sink_write_its_output(
+    ws: Workspace, delivery: str
+) -> None:
+    output = ws.path / "out.txt"
+    output.write_text("good")
+    path = ws.classic(
+        messages=20_000,
+        worker="teststages:raise_on",
+        worker_params="poison = 7",
+        pipeline_extra=f'delivery = "{delivery}"\nmax_quarantined = 0',
+    )
+    path.write_text(
+        path.read_text().replace(
+            'call = "teststages:count"',
+            f'call = "teststages:write_count_whatever_happens"\n'
+            f'params = {{ output = "{output}" }}',
+        )
+    )
+    code, report = ws.run_json(str(path), timeout=50)
+
+    assert code == 1, report
+    assert report["status"] == "failed"
+    assert output.read_text() == "good"
+    assert report["summary"] is None
 
 
 def test_accounting_off_reports_loss_honestly(ws: Workspace) -> None:
