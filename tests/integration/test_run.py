@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -147,6 +148,42 @@ def test_signal_stops_everything_with_its_exit_code(
     assert proc.returncode == code
     for child in children:
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_during_the_start_is_not_a_crash_of_the_waiting_stages(
+    ws: Workspace,
+) -> None:
+    # The consumers wait for a collector that keeps dying; stopping the run
+    # then finds them waiting for their peers, which is no crash.
+    path = ws.classic(messages=1000, pipeline_extra="ready_timeout = 30")
+    path.write_text(
+        path.read_text().replace(
+            '"teststages:count"',
+            '"teststages:count_without_its_module"\nmax_restarts = 1000',
+        )
+    )
+    proc = ws.popen("run", "--json", str(path))
+
+    def consumers_started() -> bool:
+        for child in stage_processes(proc.pid):
+            try:
+                if " consumer." in " ".join(child.cmdline()):
+                    return True
+            except psutil.Error:  # a collector that just died
+                continue
+        return False
+
+    wait_for(consumers_started, message="the consumers to start")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 143
+    report = json.loads(out)
+    consumers = [w for w in report["workers"] if w["stage"] == "consumer"]
+    assert [w["exit"] for w in consumers] == ["exit 0", "exit 0"], err
+    assert "Stopping" not in err
 
 
 def test_killed_supervisor_leaves_no_stage_behind(ws: Workspace) -> None:
