@@ -315,7 +315,14 @@ def load(
 
 
 def _breaks_wiring(problem: Problem) -> bool:
+    """Whether the stages' wiring cannot be judged after this problem.
+
+    A missing or broken stage, or a broken socket, can make the wiring look
+    wrong where it is not; a bad ``[pipeline]`` setting cannot.
+    """
     parts = problem.key.split(".") if problem.key else []
+    if parts and parts[0] == "pipeline":
+        return False
     return len(parts) <= 2 or parts[2] in ("pull", "push")
 
 

@@ -110,6 +110,18 @@ def test_endpoint_nobody_binds(tmp_path: Path) -> None:
     )
 
 
+def test_a_bad_pipeline_setting_does_not_hide_the_wiring_problems(
+    tmp_path: Path,
+) -> None:
+    found = problems(
+        tmp_path,
+        GOOD.replace('connect = "ipc:///tmp/x-work"', 'connect = "ipc:///tmp/x-other"'),
+        "pipeline.max_attempts=0",
+    )
+    assert any("pipeline.max_attempts: must be at least 1" in p for p in found)
+    assert any("nobody binds ipc:///tmp/x-other" in p for p in found)
+
+
 def _on_tcp(endpoint: str) -> str:
     """GOOD with the producer's work endpoint on ``endpoint``."""
     return GOOD.replace('"ipc:///tmp/x-work"', f'"{endpoint}"')
