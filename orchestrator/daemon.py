@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from . import config, report, rundir
+from . import config, files, report, rundir
 from .control import ControlServer, retired_entry
 from .errors import OrchestratorError
 from .output import LOG_BACKUPS, LOG_BYTES
@@ -141,10 +141,7 @@ def supervise(
 
 
 def write_report(path: Path, result: dict[str, Any]) -> None:
-    """Replace the report in one step, so a reader never sees half of one."""
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(result, default=str))
-    partial.replace(path)
+    files.write_text(path, json.dumps(result, default=str))
 
 
 # -- the daemon ------------------------------------------------------------------
