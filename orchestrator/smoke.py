@@ -9,6 +9,7 @@ comparison no value could meet, is refused before the run starts.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -93,8 +94,11 @@ def _problem(expectation: Expectation) -> str | None:
     if dotted and kind != "map":
         maps = ", ".join(name for name, of in FIELDS.items() if of == "map")
         return f"{top!r} is not a map; a dotted key reaches into one of {maps}"
+    if expectation.op in (">=", "<=") and kind not in ("number", "map"):
+        return f"{top!r} is not a number, so it has no order"
     numeric = expectation.op in (">=", "<=") or (kind == "number" and not dotted)
-    if numeric and _number(expectation.value) is None:
+    wanted = _number(expectation.value)
+    if numeric and (wanted is None or math.isnan(wanted)):
         return f"{expectation.value!r} is not a number"
     return None
 

@@ -63,6 +63,8 @@ def test_unreadable_expectation_is_a_usage_error(bad: str) -> None:
         ("lost<=none", "'none' is not a number"),
         ("per_consumer.0>=x", "'x' is not a number"),
         ("collected.x=1", "'collected' is not a map"),
+        ("status>=1", "'status' is not a number, so it has no order"),
+        ("collected=nan", "'nan' is not a number"),
     ],
 )
 def test_expectation_no_report_could_meet_is_a_usage_error(
