@@ -57,16 +57,11 @@ class Watchdog:
                 continue
             if replica.stage.command is not None and not replica.counters:
                 continue  # a command stage that does not send heartbeats
-            if now - replica.last_heartbeat > replica.stage.heartbeat_timeout:
-                log.warning(
-                    "%s pid %d sent no heartbeat for %.1f s: hung, killing it",
-                    replica.name,
-                    replica.pid,
-                    now - replica.last_heartbeat,
+            silent = now - replica.last_heartbeat
+            if silent > replica.stage.heartbeat_timeout:
+                self._kill_hung(
+                    replica, "hung", f"sent no heartbeat for {silent:.1f} s"
                 )
-                replica.state = "hung"
-                replica.error = {"kind": "hung", "message": "hung"}
-                sup._signal(replica, signal.SIGKILL)
 
     def check_health(self) -> None:
         """Sample the stage processes when due; restart those over a limit."""
@@ -109,16 +104,17 @@ class Watchdog:
             if replica.state != "starting" or replica.pid is None:
                 continue
             limit = sup.pipeline.ready_timeout + replica.stage.heartbeat_timeout
-            if now - replica.started_at > limit:
-                log.warning(
-                    "%s pid %d not ready after %.1f s: hung, killing it",
-                    replica.name,
-                    replica.pid,
-                    now - replica.started_at,
+            starting = now - replica.started_at
+            if starting > limit:
+                self._kill_hung(
+                    replica, "never ready", f"not ready after {starting:.1f} s"
                 )
-                replica.state = "hung"
-                replica.error = {"kind": "hung", "message": "never ready"}
-                sup._signal(replica, signal.SIGKILL)
+
+    def _kill_hung(self, replica: Replica, message: str, why: str) -> None:
+        log.warning("%s pid %d %s: hung, killing it", replica.name, replica.pid, why)
+        replica.state = "hung"
+        replica.error = {"kind": "hung", "message": message}
+        self.supervisor._signal(replica, signal.SIGKILL)
 
     def restart_gracefully(self, replica: Replica, reason: str, detail: str) -> None:
         """SIGTERM now, SIGKILL after the grace period; then a restart as usual."""
