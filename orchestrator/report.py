@@ -85,7 +85,7 @@ def build(sup: Supervisor) -> dict[str, Any]:
         "collected": collected,
         "counted_inputs": sup.counted(),
         "per_consumer": per_consumer,
-        "lost": max(0, produced - sup.counted() - sup.quarantined()),
+        "lost": sup.lost(),
         "redelivered": sum(int(r.total("redelivered")) for r in sup.sources),
         "duplicates_dropped": sum(int(r.total("duplicates")) for r in sup.sinks),
         "quarantined": sup.quarantined(),

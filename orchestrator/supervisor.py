@@ -121,7 +121,7 @@ class Supervisor:
                 self.launcher.close()
                 self.wakeup.restore()
             # Heartbeats lag; the counts each stage sent as it stopped do not.
-            if self.status == "completed" and self._lost():
+            if self.status == "completed" and self.lost():
                 self.status = "failed"
                 self.failure = self._loss()
             for replica in self.replicas:
@@ -152,7 +152,7 @@ class Supervisor:
                 # At-most-once, what a crash took is gone: fail now, so the
                 # sinks are aborted. (Exactly-once, the sources' "done" may
                 # be ahead of the sink's heartbeat; the final counts decide.)
-                if not self.pipeline.exactly_once and self._lost():
+                if not self.pipeline.exactly_once and self.lost():
                     self._fail(self._loss())
                 else:
                     self.status = "completed"  # confirmed by the final counts
@@ -301,11 +301,10 @@ class Supervisor:
         if error.get("kind") in HEALTH_REASONS:
             reason = error["kind"]
         log.warning(
-            "%s pid %s exited unexpectedly: %s%s",
+            "%s pid %s exited unexpectedly: %s",
             replica.name,
             replica.last_pid,
-            reason,
-            f" ({error['message']})" if error.get("kind") == "exception" else "",
+            _exit_reason(replica, reason),
         )
         pinned = False
         if self.status in ("running", "starting") and replica.stage.role != "source":
@@ -577,9 +576,9 @@ class Supervisor:
             if r.restarts
         ]
         cause = f" (crashed: {', '.join(crashed)})" if crashed else ""
-        return f"{self._lost()} inputs lost{cause}"
+        return f"{self.lost()} inputs lost{cause}"
 
-    def _lost(self) -> int:
+    def lost(self) -> int:
         return max(0, self.produced() - self.counted() - self.quarantined())
 
     # -- stopping -------------------------------------------------------------
